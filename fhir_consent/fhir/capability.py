@@ -1,0 +1,105 @@
+"""``GET [base]/metadata``: a CapabilityStatement generated from what is actually registered
+(types, interactions, search parameters, formats), so it claims nothing more (R4
+capabilitystatement.html). Extra sections (SMART security, operations) are added by the
+features that provide them through ``extend``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fhir_consent.fhir import searchparams as sp
+from fhir_consent.fhir.validation import SUPPORTED_TYPES
+
+__all__ = ["CapabilityExtender", "capability_statement"]
+
+CapabilityExtender = Callable[[dict[str, Any]], None]
+
+_INTERACTIONS = (
+    "read",
+    "vread",
+    "update",
+    "patch",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
+)
+_SEARCH_TYPE_NAMES = {
+    sp.ParamType.TOKEN: "token",
+    sp.ParamType.STRING: "string",
+    sp.ParamType.REFERENCE: "reference",
+    sp.ParamType.DATE: "date",
+    sp.ParamType.URI: "uri",
+}
+_RESULT_PARAMS = ("_count", "_sort", "_include", "_revinclude", "_summary", "_total", "_elements")
+
+
+def _resource(rtype: str) -> dict[str, Any]:
+    params = sp.params_for(rtype)
+    ref_params = sorted(n for n, p in params.items() if p.type is sp.ParamType.REFERENCE)
+    rev = sorted(
+        f"{other}:{name}"
+        for other in SUPPORTED_TYPES
+        for name, p in sp.params_for(other).items()
+        if p.type is sp.ParamType.REFERENCE and (not p.targets or rtype in p.targets)
+    )
+    return {
+        "type": rtype,
+        "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
+        "interaction": [{"code": code} for code in _INTERACTIONS],
+        "versioning": "versioned-update",
+        "readHistory": True,
+        "updateCreate": True,
+        "conditionalCreate": True,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+        "searchInclude": ["*", *(f"{rtype}:{n}" for n in ref_params)],
+        "searchRevInclude": rev,
+        "searchParam": [
+            {
+                "name": name,
+                "type": _SEARCH_TYPE_NAMES[p.type],
+                "documentation": p.expression,
+            }
+            for name, p in sorted(params.items())
+        ],
+    }
+
+
+def capability_statement(
+    base: str,
+    *,
+    software_version: str,
+    date: str,
+    extenders: Sequence[CapabilityExtender] = (),
+) -> dict[str, Any]:
+    """The server's CapabilityStatement for FHIR 4.0.1."""
+    statement: dict[str, Any] = {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": date,
+        "publisher": "fhir-consent",
+        "kind": "instance",
+        "software": {"name": "fhir-consent", "version": software_version},
+        "implementation": {"description": "fhir-consent FHIR R4 server", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": "Result parameters: "
+                + ", ".join(_RESULT_PARAMS)
+                + ". Unknown search parameters are ignored unless Prefer: handling=strict.",
+                "resource": [_resource(t) for t in SUPPORTED_TYPES],
+                "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            }
+        ],
+    }
+    for extend in extenders:
+        extend(statement)
+    return statement

@@ -1,0 +1,363 @@
+"""The FHIR R4 REST surface (R4 http.html). Handlers parse, call a service, map the result.
+
+Database work runs in the thread pool (SQLAlchemy is synchronous); the event loop only parses
+and serializes. Reads return the stored bytes as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
+from urllib.parse import parse_qsl, urlencode
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from fhir_consent.config import Settings
+from fhir_consent.errors import BadRequest, FHIRError, Issue, operation_outcome
+from fhir_consent.fhir import searchparams as sp
+from fhir_consent.fhir.bundle import BundleContext, process_bundle
+from fhir_consent.fhir.capability import CapabilityExtender, capability_statement
+from fhir_consent.fhir.http import (
+    check_accept,
+    check_content_type,
+    etag,
+    fhir_response,
+    http_date,
+    parse_if_match,
+    parse_prefer,
+)
+from fhir_consent.fhir.query import parse_search
+from fhir_consent.fhir.searching import execute_search, raw_bundle
+from fhir_consent.fhir.services import (
+    Clock,
+    ResourceService,
+    WriteListener,
+    WriteResult,
+    format_instant,
+)
+from fhir_consent.fhir.validation import SUPPORTED_TYPES, is_valid_id, parse_json_body
+from fhir_consent.store.db import Database
+from fhir_consent.store.repository import CurrentRow, Repository, VersionRow
+
+__all__ = ["FHIRContext", "build_router"]
+
+T = TypeVar("T")
+_PATCH_TYPES = frozenset({"application/json-patch+json"})
+_FORM = "application/x-www-form-urlencoded"
+
+
+@dataclass(slots=True)
+class FHIRContext:
+    """Everything a request handler needs; lives on ``app.state.fhir``."""
+
+    settings: Settings
+    db: Database
+    clock: Clock
+    version: str
+    started: str
+    listeners: list[WriteListener] = field(default_factory=list)
+    capability_extenders: list[CapabilityExtender] = field(default_factory=list)
+
+    def base(self, request: Request) -> str:
+        if self.settings.public_base_url:
+            return self.settings.public_base_url.rstrip("/")
+        return str(request.base_url).rstrip("/") + self.settings.fhir_path
+
+    def service(self, conn: Any) -> ResourceService:
+        return ResourceService(conn, clock=self.clock, listeners=self.listeners)
+
+
+def _get_ctx(request: Request) -> FHIRContext:
+    ctx: FHIRContext = request.app.state.fhir
+    return ctx
+
+
+Ctx = Annotated[FHIRContext, Depends(_get_ctx)]
+
+
+def _write_headers(base: str, row: CurrentRow) -> dict[str, str]:
+    return {
+        "ETag": etag(row.version_id),
+        "Last-Modified": http_date(row.last_updated),
+        "Location": f"{base}/{row.res_type}/{row.res_id}/_history/{row.version_id}",
+    }
+
+
+def _read_headers(row: CurrentRow | VersionRow) -> dict[str, str]:
+    return {"ETag": etag(row.version_id), "Last-Modified": http_date(row.last_updated)}
+
+
+def _written(request: Request, ctx: FHIRContext, result: WriteResult) -> Response:
+    row = result.row
+    headers = _write_headers(ctx.base(request), row)
+    status = 201 if result.created else 200
+    prefer = parse_prefer(request).get("return", "representation")
+    if prefer == "minimal":
+        return Response(status_code=status, headers=headers)
+    if prefer == "operationoutcome":
+        outcome = operation_outcome(
+            [Issue("Created" if result.created else "Updated", "informational", "information")]
+        )
+        return fhir_response(outcome, status, headers)
+    return fhir_response(row.content, status, headers)
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    check_content_type(request)
+    return parse_json_body(await request.body())
+
+
+def _check_type(rtype: str) -> None:
+    if rtype not in SUPPORTED_TYPES:
+        raise FHIRNotFound(rtype)
+
+
+class FHIRNotFound(FHIRError):
+    status = 404
+    code = "not-supported"
+
+    def __init__(self, rtype: str) -> None:
+        super().__init__(f"Resource type '{rtype[:64]}' is not supported by this server")
+
+
+def build_router() -> APIRouter:
+    """All FHIR routes, relative to the FHIR base."""
+    router = APIRouter()
+
+    async def in_db(ctx: FHIRContext, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
+        def run() -> T:
+            scope = ctx.db.write() if write else ctx.db.read()
+            with scope as conn:
+                return fn(conn, *args)
+
+        return await run_in_threadpool(run)
+
+    @router.get("/metadata")
+    async def metadata(request: Request, ctx: Ctx) -> Response:
+        check_accept(request)
+        statement = capability_statement(
+            ctx.base(request),
+            software_version=ctx.version,
+            date=ctx.started,
+            extenders=ctx.capability_extenders,
+        )
+        return fhir_response(statement)
+
+    @router.post("")
+    @router.post("/")
+    async def bundle(request: Request, ctx: Ctx) -> Response:
+        check_accept(request)
+        body = await _body(request)
+        bctx = BundleContext(
+            base=ctx.base(request),
+            service=ctx.service,
+            write=ctx.db.write,
+            read=ctx.db.read,
+            default_count=ctx.settings.default_page_size,
+            max_count=ctx.settings.max_page_size,
+            return_minimal=parse_prefer(request).get("return") == "minimal",
+        )
+        result = await run_in_threadpool(process_bundle, body, bctx)
+        return fhir_response(result)
+
+    async def _search(
+        request: Request, ctx: Ctx, rtype: str, items: list[tuple[str, str]]
+    ) -> Response:
+        check_accept(request)
+        _check_type(rtype)
+        strict = parse_prefer(request).get("handling") == "strict"
+        parsed = parse_search(
+            rtype,
+            items,
+            strict=strict,
+            default_count=ctx.settings.default_page_size,
+            max_count=ctx.settings.max_page_size,
+            now=ctx.clock(),
+        )
+        body = await in_db(ctx, execute_search, parsed, ctx.base(request))
+        return fhir_response(body)
+
+    @router.get("/{rtype}")
+    async def search(rtype: str, request: Request, ctx: Ctx) -> Response:
+        return await _search(request, ctx, rtype, request.query_params.multi_items())
+
+    @router.post("/{rtype}/_search")
+    async def search_post(rtype: str, request: Request, ctx: Ctx) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        items = request.query_params.multi_items()
+        if ctype == _FORM:
+            body = await request.body()
+            items += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+        elif ctype:
+            raise BadRequest("POST _search takes application/x-www-form-urlencoded parameters")
+        return await _search(request, ctx, rtype, items)
+
+    @router.post("/{rtype}")
+    async def create(rtype: str, request: Request, ctx: Ctx) -> Response:
+        check_accept(request)
+        _check_type(rtype)
+        resource = await _body(request)
+        ine = request.headers.get("if-none-exist")
+        criteria = parse_qsl(ine.lstrip("?"), keep_blank_values=True) if ine is not None else None
+
+        def run(conn: Any) -> WriteResult:
+            return ctx.service(conn).create(rtype, resource, if_none_exist=criteria)
+
+        result = await in_db(ctx, run, write=True)
+        return _written(request, ctx, result)
+
+    @router.get("/{rtype}/_history")
+    async def type_history(rtype: str, request: Request, ctx: Ctx) -> Response:
+        check_accept(request)
+        _check_type(rtype)
+        return await _history(request, ctx, rtype, None)
+
+    @router.get("/{rtype}/{rid}")
+    async def read(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
+        check_accept(request)
+        _check_type(rtype)
+        row = await in_db(ctx, lambda conn: ctx.service(conn).read(rtype, rid))
+        return fhir_response(row.content, 200, _read_headers(row))
+
+    @router.put("/{rtype}/{rid}")
+    async def update(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
+        check_accept(request)
+        _check_type(rtype)
+        resource = await _body(request)
+        if_match = parse_if_match(request.headers.get("if-match"))
+
+        def run(conn: Any) -> WriteResult:
+            return ctx.service(conn).update(rtype, rid, resource, if_match=if_match)
+
+        return _written(request, ctx, await in_db(ctx, run, write=True))
+
+    @router.patch("/{rtype}/{rid}")
+    async def patch(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
+        check_accept(request)
+        _check_type(rtype)
+        check_content_type(request, _PATCH_TYPES)
+        raw = await request.body()
+        try:
+            ops = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise BadRequest("The request body is not valid JSON") from None
+        if_match = parse_if_match(request.headers.get("if-match"))
+
+        def run(conn: Any) -> WriteResult:
+            return ctx.service(conn).patch(rtype, rid, ops, if_match=if_match)
+
+        return _written(request, ctx, await in_db(ctx, run, write=True))
+
+    @router.delete("/{rtype}/{rid}")
+    async def delete(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
+        _check_type(rtype)
+        row = await in_db(ctx, lambda conn: ctx.service(conn).delete(rtype, rid), write=True)
+        headers = {"ETag": etag(row.version_id)} if row is not None else {}
+        return Response(status_code=204, headers=headers)
+
+    @router.get("/{rtype}/{rid}/_history")
+    async def instance_history(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
+        check_accept(request)
+        _check_type(rtype)
+        if not is_valid_id(rid):
+            raise BadRequest("The resource id is not a valid FHIR id")
+        return await _history(request, ctx, rtype, rid)
+
+    @router.get("/{rtype}/{rid}/_history/{vid}")
+    async def vread(rtype: str, rid: str, vid: str, request: Request, ctx: Ctx) -> Response:
+        check_accept(request)
+        _check_type(rtype)
+        row = await in_db(ctx, lambda conn: ctx.service(conn).vread(rtype, rid, vid))
+        return fhir_response(row.content, 200, _read_headers(row))
+
+    async def _history(request: Request, ctx: Ctx, rtype: str, rid: str | None) -> Response:
+        q = request.query_params
+        since = None
+        if "_since" in q:
+            try:
+                since = sp.date_range(q["_since"])[0]
+            except sp.SearchValueError:
+                raise BadRequest("_since must be a FHIR instant") from None
+        count = ctx.settings.default_page_size
+        if "_count" in q:
+            if not q["_count"].isdigit():
+                raise BadRequest("_count must be a non-negative integer")
+            count = min(int(q["_count"]), ctx.settings.max_page_size)
+        before = None
+        if "_cursor" in q:
+            if not q["_cursor"].isdigit():
+                raise BadRequest("The paging cursor is not valid")
+            before = int(q["_cursor"])
+        base = ctx.base(request)
+
+        def run(conn: Any) -> bytes:
+            repo = Repository(conn)
+            if rid is not None and repo.current(rtype, rid) is None:
+                raise FHIRNotFoundId(rtype, rid)
+            rows = repo.history(rtype, rid, since=since, before_seq=before, limit=count + 1)
+            total = repo.count_history(rtype, rid, since)
+            return _history_bundle(
+                base, rtype, rid, rows, count, total, since_raw=q.get("_since"), cursor=before
+            )
+
+        return fhir_response(await in_db(ctx, run))
+
+    return router
+
+
+class FHIRNotFoundId(FHIRError):
+    status = 404
+    code = "not-found"
+
+    def __init__(self, rtype: str, rid: str) -> None:
+        super().__init__(f"{rtype}/{rid} is not known")
+
+
+def _history_bundle(
+    base: str,
+    rtype: str,
+    rid: str | None,
+    rows: list[VersionRow],
+    count: int,
+    total: int,
+    *,
+    since_raw: str | None,
+    cursor: int | None,
+) -> bytes:
+    """R4 http.html §3.1.0.9 history: newest first, with request/response per entry."""
+    path = f"{base}/{rtype}" + (f"/{rid}" if rid else "") + "/_history"
+    params: list[tuple[str, str]] = [("_count", str(count))]
+    if since_raw:
+        params.append(("_since", since_raw))
+
+    def link(cur: int | None) -> str:
+        extra = [("_cursor", str(cur))] if cur is not None else []
+        return f"{path}?{urlencode(params + extra)}"
+
+    more = len(rows) > count
+    rows = rows[:count]
+    links = [{"relation": "self", "url": link(cursor)}]
+    if more and rows:
+        links.append({"relation": "next", "url": link(rows[-1].seq)})
+    head = {"resourceType": "Bundle", "type": "history", "total": total, "link": links}
+    entries = []
+    for row in rows:
+        url = f"{row.res_type}/{row.res_id}"
+        if row.deleted:
+            req = {"method": "DELETE", "url": url}
+            resp = {"status": "204 No Content"}
+        else:
+            req = {"method": row.method, "url": row.res_type if row.method == "POST" else url}
+            resp = {"status": "201 Created" if row.version_id == 1 else "200 OK"}
+        resp["etag"] = etag(row.version_id)
+        resp["lastModified"] = format_instant(row.last_updated)
+        entry: dict[str, Any] = {"fullUrl": f"{base}/{url}", "request": req, "response": resp}
+        data = orjson.dumps(entry)
+        if row.content is not None:
+            data = data[:-1] + b',"resource":' + row.content + b"}"
+        entries.append(data)
+    return raw_bundle(head, entries)

@@ -1,0 +1,202 @@
+"""Validation of request bodies with fhir.resources' R4B models (identical to R4 4.0.1 for the
+resources we serve), at the boundary only: stored JSON is served back without re-validation.
+
+Error messages are built from pydantic's error *types* and locations, never from the input
+values, so an OperationOutcome never echoes patient data (R4 operationoutcome.html).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+import orjson
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from fhir_consent.errors import BadRequest, InvalidResource, Issue
+
+__all__ = [
+    "SUPPORTED_TYPES",
+    "is_valid_id",
+    "parse_json_body",
+    "validate_resource",
+]
+
+#: Resource types this server stores. Encounter and Task are kept (with a few search
+#: parameters) because the official Consent examples reference them.
+SUPPORTED_TYPES: tuple[str, ...] = (
+    "AuditEvent",
+    "Binary",
+    "Consent",
+    "DocumentReference",
+    "Encounter",
+    "Organization",
+    "Patient",
+    "Practitioner",
+    "PractitionerRole",
+    "Provenance",
+    "RelatedPerson",
+    "Task",
+)
+
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-.")
+
+_SAFE_MESSAGES = {
+    "missing": "Required element is missing",
+    "extra_forbidden": "Unknown element",
+    "string_type": "Expected a string",
+    "int_type": "Expected an integer",
+    "int_parsing": "Expected an integer",
+    "bool_type": "Expected a boolean",
+    "bool_parsing": "Expected a boolean",
+    "list_type": "Expected an array",
+    "dict_type": "Expected an object",
+    "model_type": "Expected an object",
+    "model_attributes_type": "Expected an object",
+    "decimal_parsing": "Expected a decimal number",
+    "float_parsing": "Expected a decimal number",
+    "string_pattern_mismatch": "Value does not match the FHIR datatype's format",
+    "string_too_short": "String is empty",
+    "literal_error": "Value is not one of the allowed codes",
+    "enum": "Value is not one of the allowed codes",
+    "date_from_datetime_parsing": "Invalid date",
+    "datetime_from_date_parsing": "Invalid dateTime",
+    "date_parsing": "Invalid date",
+    "datetime_parsing": "Invalid dateTime",
+    "url_parsing": "Invalid URI",
+}
+
+
+#: Top-level ``code`` elements with a *required* binding (R4 valuesets); fhir.resources checks
+#: only the ``code`` datatype's pattern, so these value sets are checked here.
+_REQUIRED_CODES: dict[str, dict[str, frozenset[str]]] = {
+    "Patient": {"gender": frozenset({"male", "female", "other", "unknown"})},
+    "Practitioner": {"gender": frozenset({"male", "female", "other", "unknown"})},
+    "RelatedPerson": {"gender": frozenset({"male", "female", "other", "unknown"})},
+    "DocumentReference": {
+        "status": frozenset({"current", "superseded", "entered-in-error"}),
+        "docStatus": frozenset({"preliminary", "final", "amended", "entered-in-error"}),
+    },
+    "Consent": {
+        "status": frozenset(
+            {"draft", "proposed", "active", "rejected", "inactive", "entered-in-error"}
+        )
+    },
+    "AuditEvent": {
+        "action": frozenset({"C", "R", "U", "D", "E"}),
+        "outcome": frozenset({"0", "4", "8", "12"}),
+    },
+    "Encounter": {
+        "status": frozenset(
+            {
+                "planned",
+                "arrived",
+                "triaged",
+                "in-progress",
+                "onleave",
+                "finished",
+                "cancelled",
+                "entered-in-error",
+                "unknown",
+            }
+        )
+    },
+}
+
+
+def is_valid_id(value: str) -> bool:
+    """FHIR ``id``: ``[A-Za-z0-9\\-\\.]{1,64}`` (R4 datatypes.html#id)."""
+    return 0 < len(value) <= 64 and all(c in _ID_CHARS for c in value)
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    """Parse a request body that must be one JSON object."""
+    if not body:
+        raise BadRequest("The request body is empty")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("The request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("The request body must be a JSON object (a FHIR resource)")
+    return data
+
+
+@cache
+def _model(resource_type: str) -> Any:
+    return get_fhir_model_class(resource_type)
+
+
+def _expression(resource_type: str, loc: tuple[int | str, ...]) -> str:
+    parts = [resource_type]
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]"
+        elif item in ("__root__",) or str(item).startswith("function-"):
+            continue
+        else:
+            parts.append(str(item).removesuffix("__ext").rstrip("_"))
+    return ".".join(parts)
+
+
+def validate_resource(resource: Mapping[str, Any], expected_type: str | None = None) -> str:
+    """Validate ``resource`` against its R4B model and return its resource type.
+
+    Raises :class:`InvalidResource` with one issue per problem, each with a FHIRPath
+    ``expression`` (R4 operationoutcome.html ``issue.expression``).
+    """
+    rtype = resource.get("resourceType")
+    if not isinstance(rtype, str) or not rtype:
+        raise InvalidResource(
+            "The resource has no resourceType",
+            issues=[
+                Issue("The resource has no resourceType", "required", expression=["resourceType"])
+            ],
+        )
+    if expected_type is not None and rtype != expected_type:
+        raise BadRequest(
+            f"resourceType '{rtype[:64]}' does not match the request URL type '{expected_type}'"
+        )
+    if rtype not in SUPPORTED_TYPES:
+        raise BadRequest(f"Resource type '{rtype[:64]}' is not supported by this server")
+    rid = resource.get("id")
+    if rid is not None and (not isinstance(rid, str) or not is_valid_id(rid)):
+        raise InvalidResource(
+            "Resource id is not a valid FHIR id",
+            issues=[
+                Issue("Resource id is not a valid FHIR id", "value", expression=[f"{rtype}.id"])
+            ],
+        )
+    try:
+        _model(rtype).model_validate(resource)
+    except ValidationError as exc:
+        issues = []
+        for err in exc.errors(include_url=False, include_input=False)[:50]:
+            kind = str(err.get("type", ""))
+            message = _SAFE_MESSAGES.get(kind, "Invalid value")
+            issues.append(
+                Issue(
+                    message, _issue_code(kind), expression=[_expression(rtype, tuple(err["loc"]))]
+                )
+            )
+        raise InvalidResource(f"The {rtype} resource is not valid FHIR R4", issues=issues) from None
+    except (ValueError, TypeError):
+        raise InvalidResource(f"The {rtype} resource is not valid FHIR R4") from None
+    bad = [
+        Issue("Value is not one of the allowed codes", "code-invalid", expression=[f"{rtype}.{k}"])
+        for k, allowed in _REQUIRED_CODES.get(rtype, {}).items()
+        if k in resource and resource[k] not in allowed
+    ]
+    if bad:
+        raise InvalidResource(f"The {rtype} resource is not valid FHIR R4", issues=bad)
+    return rtype
+
+
+def _issue_code(kind: str) -> str:
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        return "structure"
+    return "value"
