@@ -16,6 +16,13 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from fhir_consent.auth import (
+    AccessContext,
+    Authenticator,
+    TokenCheck,
+    open_authenticator,
+    require,
+)
 from fhir_consent.config import Settings
 from fhir_consent.errors import BadRequest, FHIRError, Issue, operation_outcome
 from fhir_consent.fhir import searchparams as sp
@@ -42,6 +49,7 @@ from fhir_consent.fhir.services import (
 from fhir_consent.fhir.validation import SUPPORTED_TYPES, is_valid_id, parse_json_body
 from fhir_consent.store.db import Database
 from fhir_consent.store.repository import CurrentRow, Repository, VersionRow
+from smart_on_fhir.scopes import Interaction
 
 __all__ = ["FHIRContext", "build_router"]
 
@@ -61,6 +69,8 @@ class FHIRContext:
     started: str
     listeners: list[WriteListener] = field(default_factory=list)
     capability_extenders: list[CapabilityExtender] = field(default_factory=list)
+    authenticate: Authenticator = field(default_factory=open_authenticator)
+    token_check: TokenCheck | None = None
 
     def base(self, request: Request) -> str:
         if self.settings.public_base_url:
@@ -128,13 +138,28 @@ def build_router() -> APIRouter:
     """All FHIR routes, relative to the FHIR base."""
     router = APIRouter()
 
-    async def in_db(ctx: FHIRContext, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
+    async def in_db(
+        ctx: FHIRContext,
+        access: AccessContext,
+        fn: Callable[..., T],
+        *args: Any,
+        write: bool = False,
+    ) -> T:
         def run() -> T:
             scope = ctx.db.write() if write else ctx.db.read()
             with scope as conn:
+                if ctx.token_check is not None and not access.is_open:
+                    ctx.token_check(conn, access)  # revoked tokens fail on their next call
                 return fn(conn, *args)
 
         return await run_in_threadpool(run)
+
+    async def access_for(
+        request: Request, ctx: FHIRContext, rtype: str, interaction: Interaction
+    ) -> AccessContext:
+        access = await ctx.authenticate(request)
+        require(access, rtype, interaction)
+        return access
 
     @router.get("/metadata")
     async def metadata(request: Request, ctx: Ctx) -> Response:
@@ -169,6 +194,7 @@ def build_router() -> APIRouter:
     ) -> Response:
         check_accept(request)
         _check_type(rtype)
+        access = await access_for(request, ctx, rtype, Interaction.SEARCH)
         strict = parse_prefer(request).get("handling") == "strict"
         parsed = parse_search(
             rtype,
@@ -178,7 +204,7 @@ def build_router() -> APIRouter:
             max_count=ctx.settings.max_page_size,
             now=ctx.clock(),
         )
-        body = await in_db(ctx, execute_search, parsed, ctx.base(request))
+        body = await in_db(ctx, access, execute_search, parsed, ctx.base(request))
         return fhir_response(body)
 
     @router.get("/{rtype}")
@@ -200,6 +226,7 @@ def build_router() -> APIRouter:
     async def create(rtype: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
+        access = await access_for(request, ctx, rtype, Interaction.CREATE)
         resource = await _body(request)
         ine = request.headers.get("if-none-exist")
         criteria = parse_qsl(ine.lstrip("?"), keep_blank_values=True) if ine is not None else None
@@ -207,38 +234,42 @@ def build_router() -> APIRouter:
         def run(conn: Any) -> WriteResult:
             return ctx.service(conn).create(rtype, resource, if_none_exist=criteria)
 
-        result = await in_db(ctx, run, write=True)
+        result = await in_db(ctx, access, run, write=True)
         return _written(request, ctx, result)
 
     @router.get("/{rtype}/_history")
     async def type_history(rtype: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        return await _history(request, ctx, rtype, None)
+        access = await access_for(request, ctx, rtype, Interaction.SEARCH)
+        return await _history(request, ctx, access, rtype, None)
 
     @router.get("/{rtype}/{rid}")
     async def read(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        row = await in_db(ctx, lambda conn: ctx.service(conn).read(rtype, rid))
+        access = await access_for(request, ctx, rtype, Interaction.READ)
+        row = await in_db(ctx, access, lambda conn: ctx.service(conn).read(rtype, rid))
         return fhir_response(row.content, 200, _read_headers(row))
 
     @router.put("/{rtype}/{rid}")
     async def update(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
+        access = await access_for(request, ctx, rtype, Interaction.UPDATE)
         resource = await _body(request)
         if_match = parse_if_match(request.headers.get("if-match"))
 
         def run(conn: Any) -> WriteResult:
             return ctx.service(conn).update(rtype, rid, resource, if_match=if_match)
 
-        return _written(request, ctx, await in_db(ctx, run, write=True))
+        return _written(request, ctx, await in_db(ctx, access, run, write=True))
 
     @router.patch("/{rtype}/{rid}")
     async def patch(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
+        access = await access_for(request, ctx, rtype, Interaction.UPDATE)
         check_content_type(request, _PATCH_TYPES)
         raw = await request.body()
         try:
@@ -250,12 +281,15 @@ def build_router() -> APIRouter:
         def run(conn: Any) -> WriteResult:
             return ctx.service(conn).patch(rtype, rid, ops, if_match=if_match)
 
-        return _written(request, ctx, await in_db(ctx, run, write=True))
+        return _written(request, ctx, await in_db(ctx, access, run, write=True))
 
     @router.delete("/{rtype}/{rid}")
     async def delete(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
         _check_type(rtype)
-        row = await in_db(ctx, lambda conn: ctx.service(conn).delete(rtype, rid), write=True)
+        access = await access_for(request, ctx, rtype, Interaction.DELETE)
+        row = await in_db(
+            ctx, access, lambda conn: ctx.service(conn).delete(rtype, rid), write=True
+        )
         headers = {"ETag": etag(row.version_id)} if row is not None else {}
         return Response(status_code=204, headers=headers)
 
@@ -265,16 +299,20 @@ def build_router() -> APIRouter:
         _check_type(rtype)
         if not is_valid_id(rid):
             raise BadRequest("The resource id is not a valid FHIR id")
-        return await _history(request, ctx, rtype, rid)
+        access = await access_for(request, ctx, rtype, Interaction.READ)
+        return await _history(request, ctx, access, rtype, rid)
 
     @router.get("/{rtype}/{rid}/_history/{vid}")
     async def vread(rtype: str, rid: str, vid: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        row = await in_db(ctx, lambda conn: ctx.service(conn).vread(rtype, rid, vid))
+        access = await access_for(request, ctx, rtype, Interaction.READ)
+        row = await in_db(ctx, access, lambda conn: ctx.service(conn).vread(rtype, rid, vid))
         return fhir_response(row.content, 200, _read_headers(row))
 
-    async def _history(request: Request, ctx: Ctx, rtype: str, rid: str | None) -> Response:
+    async def _history(
+        request: Request, ctx: Ctx, access: AccessContext, rtype: str, rid: str | None
+    ) -> Response:
         q = request.query_params
         since = None
         if "_since" in q:
@@ -304,7 +342,7 @@ def build_router() -> APIRouter:
                 base, rtype, rid, rows, count, total, since_raw=q.get("_since"), cursor=before
             )
 
-        return fhir_response(await in_db(ctx, run))
+        return fhir_response(await in_db(ctx, access, run))
 
     return router
 
