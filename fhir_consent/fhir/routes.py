@@ -47,6 +47,7 @@ from fhir_consent.fhir.services import (
     format_instant,
 )
 from fhir_consent.fhir.validation import SUPPORTED_TYPES, is_valid_id, parse_json_body
+from fhir_consent.fhir.visibility import Visibility, search_restrictions, visibility_for
 from fhir_consent.store.db import Database
 from fhir_consent.store.repository import CurrentRow, Repository, VersionRow
 from smart_on_fhir.scopes import Interaction
@@ -77,8 +78,8 @@ class FHIRContext:
             return self.settings.public_base_url.rstrip("/")
         return str(request.base_url).rstrip("/") + self.settings.fhir_path
 
-    def service(self, conn: Any) -> ResourceService:
-        return ResourceService(conn, clock=self.clock, listeners=self.listeners)
+    def service(self, conn: Any, guard: Visibility | None = None) -> ResourceService:
+        return ResourceService(conn, clock=self.clock, listeners=self.listeners, guard=guard)
 
 
 def _get_ctx(request: Request) -> FHIRContext:
@@ -156,10 +157,10 @@ def build_router() -> APIRouter:
 
     async def access_for(
         request: Request, ctx: FHIRContext, rtype: str, interaction: Interaction
-    ) -> AccessContext:
+    ) -> tuple[AccessContext, Visibility]:
         access = await ctx.authenticate(request)
-        require(access, rtype, interaction)
-        return access
+        decision = require(access, rtype, interaction)
+        return access, visibility_for(access, decision, rtype, ctx.clock())
 
     @router.get("/metadata")
     async def metadata(request: Request, ctx: Ctx) -> Response:
@@ -194,7 +195,7 @@ def build_router() -> APIRouter:
     ) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access = await access_for(request, ctx, rtype, Interaction.SEARCH)
+        access, vis = await access_for(request, ctx, rtype, Interaction.SEARCH)
         strict = parse_prefer(request).get("handling") == "strict"
         parsed = parse_search(
             rtype,
@@ -204,7 +205,8 @@ def build_router() -> APIRouter:
             max_count=ctx.settings.max_page_size,
             now=ctx.clock(),
         )
-        body = await in_db(ctx, access, execute_search, parsed, ctx.base(request))
+        restrict = search_restrictions(access, rtype, ctx.clock())
+        body = await in_db(ctx, access, execute_search, parsed, ctx.base(request), restrict)
         return fhir_response(body)
 
     @router.get("/{rtype}")
@@ -226,13 +228,13 @@ def build_router() -> APIRouter:
     async def create(rtype: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access = await access_for(request, ctx, rtype, Interaction.CREATE)
+        access, vis = await access_for(request, ctx, rtype, Interaction.CREATE)
         resource = await _body(request)
         ine = request.headers.get("if-none-exist")
         criteria = parse_qsl(ine.lstrip("?"), keep_blank_values=True) if ine is not None else None
 
         def run(conn: Any) -> WriteResult:
-            return ctx.service(conn).create(rtype, resource, if_none_exist=criteria)
+            return ctx.service(conn, vis).create(rtype, resource, if_none_exist=criteria)
 
         result = await in_db(ctx, access, run, write=True)
         return _written(request, ctx, result)
@@ -241,27 +243,27 @@ def build_router() -> APIRouter:
     async def type_history(rtype: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access = await access_for(request, ctx, rtype, Interaction.SEARCH)
-        return await _history(request, ctx, access, rtype, None)
+        access, vis = await access_for(request, ctx, rtype, Interaction.SEARCH)
+        return await _history(request, ctx, access, vis, rtype, None)
 
     @router.get("/{rtype}/{rid}")
     async def read(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access = await access_for(request, ctx, rtype, Interaction.READ)
-        row = await in_db(ctx, access, lambda conn: ctx.service(conn).read(rtype, rid))
+        access, vis = await access_for(request, ctx, rtype, Interaction.READ)
+        row = await in_db(ctx, access, lambda conn: ctx.service(conn, vis).read(rtype, rid))
         return fhir_response(row.content, 200, _read_headers(row))
 
     @router.put("/{rtype}/{rid}")
     async def update(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access = await access_for(request, ctx, rtype, Interaction.UPDATE)
+        access, vis = await access_for(request, ctx, rtype, Interaction.UPDATE)
         resource = await _body(request)
         if_match = parse_if_match(request.headers.get("if-match"))
 
         def run(conn: Any) -> WriteResult:
-            return ctx.service(conn).update(rtype, rid, resource, if_match=if_match)
+            return ctx.service(conn, vis).update(rtype, rid, resource, if_match=if_match)
 
         return _written(request, ctx, await in_db(ctx, access, run, write=True))
 
@@ -269,7 +271,7 @@ def build_router() -> APIRouter:
     async def patch(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access = await access_for(request, ctx, rtype, Interaction.UPDATE)
+        access, vis = await access_for(request, ctx, rtype, Interaction.UPDATE)
         check_content_type(request, _PATCH_TYPES)
         raw = await request.body()
         try:
@@ -279,16 +281,16 @@ def build_router() -> APIRouter:
         if_match = parse_if_match(request.headers.get("if-match"))
 
         def run(conn: Any) -> WriteResult:
-            return ctx.service(conn).patch(rtype, rid, ops, if_match=if_match)
+            return ctx.service(conn, vis).patch(rtype, rid, ops, if_match=if_match)
 
         return _written(request, ctx, await in_db(ctx, access, run, write=True))
 
     @router.delete("/{rtype}/{rid}")
     async def delete(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
         _check_type(rtype)
-        access = await access_for(request, ctx, rtype, Interaction.DELETE)
+        access, vis = await access_for(request, ctx, rtype, Interaction.DELETE)
         row = await in_db(
-            ctx, access, lambda conn: ctx.service(conn).delete(rtype, rid), write=True
+            ctx, access, lambda conn: ctx.service(conn, vis).delete(rtype, rid), write=True
         )
         headers = {"ETag": etag(row.version_id)} if row is not None else {}
         return Response(status_code=204, headers=headers)
@@ -299,19 +301,24 @@ def build_router() -> APIRouter:
         _check_type(rtype)
         if not is_valid_id(rid):
             raise BadRequest("The resource id is not a valid FHIR id")
-        access = await access_for(request, ctx, rtype, Interaction.READ)
-        return await _history(request, ctx, access, rtype, rid)
+        access, vis = await access_for(request, ctx, rtype, Interaction.READ)
+        return await _history(request, ctx, access, vis, rtype, rid)
 
     @router.get("/{rtype}/{rid}/_history/{vid}")
     async def vread(rtype: str, rid: str, vid: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access = await access_for(request, ctx, rtype, Interaction.READ)
-        row = await in_db(ctx, access, lambda conn: ctx.service(conn).vread(rtype, rid, vid))
+        access, vis = await access_for(request, ctx, rtype, Interaction.READ)
+        row = await in_db(ctx, access, lambda conn: ctx.service(conn, vis).vread(rtype, rid, vid))
         return fhir_response(row.content, 200, _read_headers(row))
 
     async def _history(
-        request: Request, ctx: Ctx, access: AccessContext, rtype: str, rid: str | None
+        request: Request,
+        ctx: Ctx,
+        access: AccessContext,
+        vis: Visibility,
+        rtype: str,
+        rid: str | None,
     ) -> Response:
         q = request.query_params
         since = None
@@ -334,10 +341,15 @@ def build_router() -> APIRouter:
 
         def run(conn: Any) -> bytes:
             repo = Repository(conn)
-            if rid is not None and repo.current(rtype, rid) is None:
-                raise FHIRNotFoundId(rtype, rid)
-            rows = repo.history(rtype, rid, since=since, before_seq=before, limit=count + 1)
-            total = repo.count_history(rtype, rid, since)
+            if rid is not None:
+                current = repo.current(rtype, rid)
+                if current is None or not vis.can_see(conn, current):
+                    raise FHIRNotFoundId(rtype, rid)
+            restrict = vis.restrict_for(rtype)
+            rows = repo.history(
+                rtype, rid, since=since, before_seq=before, limit=count + 1, restrict=restrict
+            )
+            total = repo.count_history(rtype, rid, since, restrict)
             return _history_bundle(
                 base, rtype, rid, rows, count, total, since_raw=q.get("_since"), cursor=before
             )

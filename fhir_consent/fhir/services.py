@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from fhir_consent.errors import (
     BadRequest,
     Conflict,
+    Forbidden,
     Gone,
     NotFound,
     PreconditionFailed,
@@ -34,6 +35,7 @@ from fhir_consent.store.repository import ConcurrentUpdate, CurrentRow, Reposito
 from fhir_consent.store.search import run_search
 
 __all__ = [
+    "AccessGuard",
     "Clock",
     "ResourceService",
     "WriteEvent",
@@ -71,6 +73,14 @@ class WriteListener(Protocol):
     def __call__(self, conn: Connection, event: WriteEvent) -> None: ...
 
 
+class AccessGuard(Protocol):
+    """What the caller may see and write (see :mod:`fhir_consent.fhir.visibility`)."""
+
+    def can_see(self, conn: Connection, row: CurrentRow) -> bool: ...
+
+    def can_write(self, resource_type: str, index: searchparams.IndexRows, res_id: str) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class WriteResult:
     row: CurrentRow
@@ -97,11 +107,24 @@ class ResourceService:
         *,
         clock: Clock = system_clock,
         listeners: Sequence[WriteListener] = (),
+        guard: AccessGuard | None = None,
     ) -> None:
         self.conn = conn
         self.repo = Repository(conn)
         self.clock = clock
         self.listeners = tuple(listeners)
+        self.guard = guard
+
+    def _visible(self, row: CurrentRow) -> bool:
+        return self.guard is None or self.guard.can_see(self.conn, row)
+
+    def _index(
+        self, res_type: str, res_id: str, parsed: Mapping[str, Any]
+    ) -> searchparams.IndexRows:
+        index = searchparams.extract(parsed)
+        if self.guard is not None and not self.guard.can_write(res_type, index, res_id):
+            raise Forbidden(f"This access token may not write this {res_type}")
+        return index
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -110,7 +133,7 @@ class ResourceService:
         _check_type(res_type)
         _check_id(res_id)
         row = self.repo.current(res_type, res_id)
-        if row is None:
+        if row is None or not self._visible(row):
             raise NotFound(f"{res_type}/{res_id} is not known")
         if row.deleted:
             raise Gone(f"{res_type}/{res_id} has been deleted", headers=_etag_headers(row))
@@ -122,6 +145,9 @@ class ResourceService:
         _check_id(res_id)
         if not version.isdigit():
             raise NotFound(f"Version '{version[:16]}' of {res_type}/{res_id} is not known")
+        current = self.repo.current(res_type, res_id)
+        if current is None or not self._visible(current):
+            raise NotFound(f"{res_type}/{res_id} is not known")
         row = self.repo.version(res_type, res_id, int(version))
         if row is None:
             raise NotFound(f"Version {version} of {res_type}/{res_id} is not known")
@@ -155,7 +181,7 @@ class ResourceService:
         try:
             with self.conn.begin_nested():
                 row = self.repo.insert(
-                    res_type, new_id, content, now, searchparams.extract(parsed), "POST"
+                    res_type, new_id, content, now, self._index(res_type, new_id, parsed), "POST"
                 )
         except IntegrityError:
             raise Conflict(f"{res_type}/{new_id} already exists") from None
@@ -182,6 +208,8 @@ class ResourceService:
             raise BadRequest("The resource id does not match the id in the URL")
         validate_resource(resource, res_type)
         current = self.repo.current(res_type, res_id, for_update=True)
+        if current is not None and not self._visible(current):
+            raise NotFound(f"{res_type}/{res_id} is not known")
         if if_match is not None and (current is None or current.version_id != if_match):
             raise PreconditionFailed(
                 "If-Match does not match the current version",
@@ -193,7 +221,7 @@ class ResourceService:
             try:
                 with self.conn.begin_nested():
                     row = self.repo.insert(
-                        res_type, res_id, content, now, searchparams.extract(parsed), "PUT"
+                        res_type, res_id, content, now, self._index(res_type, res_id, parsed), "PUT"
                     )
             except IntegrityError:
                 raise Conflict(f"{res_type}/{res_id} was created concurrently; retry") from None
@@ -237,6 +265,8 @@ class ResourceService:
         _check_type(res_type)
         _check_id(res_id)
         current = self.repo.current(res_type, res_id, for_update=True)
+        if current is not None and not self._visible(current):
+            raise NotFound(f"{res_type}/{res_id} is not known")
         if current is None or current.deleted:
             return current
         now = max(self.clock(), current.last_updated + 1)
@@ -260,7 +290,7 @@ class ResourceService:
                 current,
                 content,
                 now,
-                searchparams.extract(parsed),
+                self._index(current.res_type, current.res_id, parsed),
                 "PATCH" if method == "patch" else "PUT",
             )
         except ConcurrentUpdate:

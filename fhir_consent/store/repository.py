@@ -86,6 +86,11 @@ _SELECT_CURRENT = sa.select(*_CURRENT_COLS).where(
 )
 
 
+def _visible_versions(restrict: Any) -> Any:
+    visible = sa.select(resources.c.res_type, resources.c.res_id).where(restrict(resources))
+    return sa.tuple_(resource_versions.c.res_type, resource_versions.c.res_id).in_(visible)
+
+
 def _cut(value: str | None) -> str | None:
     return value if value is None or len(value) <= _MAX_TEXT else value[:_MAX_TEXT]
 
@@ -146,10 +151,14 @@ class Repository:
         since: int | None,
         before_seq: int | None,
         limit: int,
+        restrict: Any = None,
     ) -> list[VersionRow]:
-        """Versions newest first; ``before_seq`` continues a previous page (keyset)."""
+        """Versions newest first; ``before_seq`` continues a previous page (keyset).
+        ``restrict`` (a predicate over ``resources``) limits it to visible resources."""
         v = resource_versions.c
         stmt = sa.select(*_VERSION_COLS)
+        if restrict is not None:
+            stmt = stmt.where(_visible_versions(restrict))
         if res_type is not None:
             stmt = stmt.where(v.res_type == res_type)
         if res_id is not None:
@@ -161,9 +170,13 @@ class Repository:
         stmt = stmt.order_by(v.seq.desc()).limit(limit)
         return [VersionRow(*r) for r in self.conn.execute(stmt)]
 
-    def count_history(self, res_type: str | None, res_id: str | None, since: int | None) -> int:
+    def count_history(
+        self, res_type: str | None, res_id: str | None, since: int | None, restrict: Any = None
+    ) -> int:
         v = resource_versions.c
         stmt = sa.select(sa.func.count()).select_from(resource_versions)
+        if restrict is not None:
+            stmt = stmt.where(_visible_versions(restrict))
         if res_type is not None:
             stmt = stmt.where(v.res_type == res_type)
         if res_id is not None:

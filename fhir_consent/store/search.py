@@ -37,6 +37,7 @@ __all__ = [
     "SortKey",
     "StringCond",
     "TokenCond",
+    "conditions_predicate",
     "count_only",
     "date_predicate",
     "run_search",
@@ -301,6 +302,13 @@ def _after(
         eqs = [exprs[j] == values[j] for j in range(i)]
         ors.append(sa.and_(*eqs, later))
     return sa.or_(*ors)
+
+
+def conditions_predicate(
+    conditions: Sequence[Condition], res_type: str, now: int = 0
+) -> ColumnElement[bool]:
+    """All ``conditions`` (ANDed) as one predicate over ``resources``."""
+    return sa.and_(sa.true(), *(_condition(c, res_type, now) for c in conditions))
 
 
 def _where(spec: SearchSpec) -> list[ColumnElement[bool]]:
