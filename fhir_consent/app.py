@@ -16,13 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fhir_consent.config import Settings, get_settings
-from fhir_consent.errors import FHIRError, Issue, PayloadTooLarge, operation_outcome
+from fhir_consent.errors import FHIRError, Issue, operation_outcome
 from fhir_consent.fhir.http import fhir_response
 from fhir_consent.fhir.routes import FHIRContext, build_router
 from fhir_consent.fhir.services import Clock, system_clock
+from fhir_consent.limits import BodyLimit
 from fhir_consent.store.db import Database
 from fhir_consent.store.migrate import upgrade
 
@@ -36,59 +36,6 @@ def _version() -> str:
         return version("fhir-consent")
     except PackageNotFoundError:  # running from a source tree
         return "0.0.0+source"
-
-
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, whether or not they announce a
-    Content-Length (chunked uploads are counted as they arrive)."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                if not value.isdigit() or int(value) > self.limit:
-                    await _send_413(send, self.limit)
-                    return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise PayloadTooLarge(_too_large(self.limit))
-            return message
-
-        await self.app(scope, counted, send)
-
-
-def _too_large(limit: int) -> str:
-    return f"The request body exceeds the limit of {limit} bytes"
-
-
-async def _send_413(send: Send, limit: int) -> None:
-    import orjson
-
-    body = orjson.dumps(operation_outcome([Issue(_too_large(limit), "too-costly")]))
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/fhir+json; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(settings: Settings | None = None, *, clock: Clock = system_clock) -> FastAPI:
