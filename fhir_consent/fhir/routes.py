@@ -41,6 +41,7 @@ from fhir_consent.fhir.query import parse_search
 from fhir_consent.fhir.searching import execute_search, raw_bundle
 from fhir_consent.fhir.services import (
     Clock,
+    PreWrite,
     ResourceService,
     WriteListener,
     WriteResult,
@@ -70,6 +71,7 @@ class FHIRContext:
     started: str
     listeners: list[WriteListener] = field(default_factory=list)
     capability_extenders: list[CapabilityExtender] = field(default_factory=list)
+    prewrites: list[PreWrite] = field(default_factory=list)
     authenticate: Authenticator = field(default_factory=open_authenticator)
     token_check: TokenCheck | None = None
 
@@ -79,7 +81,9 @@ class FHIRContext:
         return str(request.base_url).rstrip("/") + self.settings.fhir_path
 
     def service(self, conn: Any, guard: Visibility | None = None) -> ResourceService:
-        return ResourceService(conn, clock=self.clock, listeners=self.listeners, guard=guard)
+        return ResourceService(
+            conn, clock=self.clock, listeners=self.listeners, guard=guard, prewrites=self.prewrites
+        )
 
 
 def _get_ctx(request: Request) -> FHIRContext:

@@ -37,6 +37,7 @@ from fhir_consent.store.search import run_search
 __all__ = [
     "AccessGuard",
     "Clock",
+    "PreWrite",
     "ResourceService",
     "WriteEvent",
     "WriteListener",
@@ -71,6 +72,19 @@ class WriteEvent:
 
 class WriteListener(Protocol):
     def __call__(self, conn: Connection, event: WriteEvent) -> None: ...
+
+
+class PreWrite(Protocol):
+    """Transforms a validated resource before it is stored, in the write's transaction (e.g.
+    moving inline attachment bytes into Binary storage). Returns the resource to store."""
+
+    def __call__(
+        self,
+        service: ResourceService,
+        res_type: str,
+        resource: dict[str, Any],
+        previous: CurrentRow | None,
+    ) -> dict[str, Any]: ...
 
 
 class AccessGuard(Protocol):
@@ -108,12 +122,21 @@ class ResourceService:
         clock: Clock = system_clock,
         listeners: Sequence[WriteListener] = (),
         guard: AccessGuard | None = None,
+        prewrites: Sequence[PreWrite] = (),
     ) -> None:
         self.conn = conn
         self.repo = Repository(conn)
         self.clock = clock
         self.listeners = tuple(listeners)
         self.guard = guard
+        self.prewrites = tuple(prewrites)
+
+    def _prewrite(
+        self, res_type: str, resource: dict[str, Any], previous: CurrentRow | None
+    ) -> dict[str, Any]:
+        for hook in self.prewrites:
+            resource = hook(self, res_type, resource, previous)
+        return resource
 
     def _visible(self, row: CurrentRow) -> bool:
         return self.guard is None or self.guard.can_see(self.conn, row)
@@ -176,6 +199,7 @@ class ResourceService:
             if len(matches) > 1:
                 raise PreconditionFailed("If-None-Exist matched more than one resource")
         new_id = res_id or str(uuid.uuid4())
+        resource = self._prewrite(res_type, resource, None)
         now = self.clock()
         content, parsed = _finalize(resource, new_id, 1, now)
         try:
@@ -215,6 +239,7 @@ class ResourceService:
                 "If-Match does not match the current version",
                 headers=_etag_headers(current) if current else None,
             )
+        resource = self._prewrite(res_type, resource, current)
         if current is None:
             now = self.clock()
             content, parsed = _finalize(resource, res_id, 1, now)
