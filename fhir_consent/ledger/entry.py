@@ -1,0 +1,368 @@
+"""Ledger entries: building, signing, verifying and opening them (ledger.md §1).
+
+An entry is the canonical JSON (RFC 8785 style, :func:`fhir_consent.crypto.canonical_json`) of:
+
+=================== ==============================================================================
+``seq``             position in our log (0, 1, 2, …) — also its leaf index in the Merkle tree
+``ts``              commit time, RFC 3339 UTC with a ``Z`` suffix and microseconds
+``kind``            ``Consent`` or ``DocumentReference``
+``ref``             ``<kind>/<id>/_history/<vid>``
+``event``           see :data:`EVENTS` and :func:`event_for_consent`
+``subject``         HMAC-SHA-256 pseudonym of the patient reference (hex), never the id
+``resource_sha256`` hex SHA-256 of the canonical JSON of the resource version
+``sealed``          base64 sealed box to the RMS of canonical JSON ``{"actor": …, "resource": …}``
+``kid``             **addition to ledger.md §1**: key id of the signing key (hex of the first 8
+                    bytes of SHA-256 of the Ed25519 public key), so that entries stay verifiable
+                    after key rotation. It is covered by the signature.
+``sig``             base64 Ed25519 signature over the canonical JSON of every other field
+=================== ==============================================================================
+
+The leaf data of the Merkle tree (RFC 9162 §2.1.1) is :func:`entry_bytes`: the canonical JSON of
+*all* fields including ``sig``. The signature covers the canonical JSON of the object without
+``sig`` — no extra domain-separation prefix is added, so that ledger.md's "signature of the server
+over everything above" holds literally; it cannot collide with a checkpoint signature because a
+JSON object starts with ``{`` and a checkpoint note with its origin.
+
+A FHIR delete has no resource body: pass ``None`` as the resource for the ``deleted`` event; the
+sealed box then holds ``"resource": null`` and ``resource_sha256`` is SHA-256 of ``null``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from fhir_consent.crypto import (
+    CryptoError,
+    KeyRing,
+    PublicSigningKey,
+    SealKeyPair,
+    b64decode,
+    b64encode,
+    canonical_json,
+    sha256_hex,
+)
+from fhir_consent.ledger.merkle import leaf_hash
+
+__all__ = [
+    "CONSENT_EVENTS",
+    "DOCUMENT_EVENTS",
+    "ENTRY_FIELDS",
+    "EVENTS",
+    "KINDS",
+    "EntryError",
+    "LedgerEntry",
+    "build_entry",
+    "entry_bytes",
+    "entry_from_bytes",
+    "entry_from_dict",
+    "entry_leaf_hash",
+    "entry_to_dict",
+    "event_for_consent",
+    "format_ts",
+    "open_sealed",
+    "signed_bytes",
+    "verify_entry",
+]
+
+KINDS: Final = frozenset({"Consent", "DocumentReference"})
+CONSENT_EVENTS: Final = frozenset(
+    {"created", "proposed", "granted", "refused", "revoked", "withdrawn", "updated", "deleted"}
+)
+DOCUMENT_EVENTS: Final = frozenset({"created", "updated", "deleted"})
+EVENTS: Final = CONSENT_EVENTS | DOCUMENT_EVENTS
+#: Field order as in ledger.md §1 (serialisation sorts keys anyway).
+ENTRY_FIELDS: Final = (
+    "seq",
+    "ts",
+    "kind",
+    "ref",
+    "event",
+    "subject",
+    "resource_sha256",
+    "sealed",
+    "kid",
+    "sig",
+)
+
+_FHIR_ID: Final = r"[A-Za-z0-9\-.]{1,64}"  # FHIR R4 id datatype
+_REF_RE: Final = re.compile(rf"(Consent|DocumentReference)/({_FHIR_ID})/_history/({_FHIR_ID})")
+_HEX64_RE: Final = re.compile(r"[0-9a-f]{64}")
+_KID_RE: Final = re.compile(r"[0-9a-f]{16}")
+_TS_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+_MAX_SEQ: Final = 2**53 - 1  # also exact in JavaScript (browser verifier)
+_SEALED_OVERHEAD: Final = 48  # ephemeral X25519 key + Poly1305 tag
+
+
+class EntryError(ValueError):
+    """A ledger entry is malformed, or its signature or sealed content does not check out."""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One ledger entry (ledger.md §1, plus ``kid``). All fields are JSON scalars."""
+
+    seq: int
+    ts: str
+    kind: str
+    ref: str
+    event: str
+    subject: str
+    resource_sha256: str
+    sealed: str
+    kid: str
+    sig: str
+
+    @property
+    def key_id(self) -> str:
+        """The signer's key id (alias of ``kid``)."""
+        return self.kid
+
+
+def format_ts(ts: _dt.datetime) -> str:
+    """RFC 3339 UTC with microseconds and ``Z``, e.g. ``2024-05-01T12:00:00.000000Z``."""
+    if ts.tzinfo is None or ts.utcoffset() is None:
+        raise EntryError("ts must be a timezone-aware datetime")
+    return ts.astimezone(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def event_for_consent(old_status: str | None, new_status: str | None, deleted: bool) -> str:
+    """The ledger event for a Consent version (ledger.md §1, consent.md §2).
+
+    ``old_status`` is the status of the previous version (``None`` on create), ``new_status``
+    that of the new version (``None`` only for a delete), ``deleted`` is true for a FHIR delete.
+
+    ============================== ============= ===========================================
+    new status                     event         consent.md §2
+    ============================== ============= ===========================================
+    (FHIR delete)                  ``deleted``
+    unchanged status               ``updated``   e.g. the patient narrows a proposal
+    ``proposed``                   ``proposed``  1. a clinic asks
+    ``active``                     ``granted``   2. the patient grants (or 4. acts alone)
+    ``rejected``                   ``refused``   2. the patient refuses
+    ``inactive``                   ``revoked``   3. the patient revokes
+    ``entered-in-error``           ``withdrawn`` 1. a clinic withdraws its proposal
+    ``draft`` (new resource)       ``created``
+    ``draft`` (from another state) ``updated``
+    ============================== ============= ===========================================
+    """
+    if deleted:
+        return "deleted"
+    if new_status is None:
+        raise ValueError("a Consent version that is not deleted has a status")
+    if old_status is not None and new_status == old_status:
+        return "updated"
+    mapped = {
+        "proposed": "proposed",
+        "active": "granted",
+        "rejected": "refused",
+        "inactive": "revoked",
+        "entered-in-error": "withdrawn",
+    }.get(new_status)
+    if mapped is not None:
+        return mapped
+    if new_status == "draft":
+        return "created" if old_status is None else "updated"
+    raise ValueError(f"unknown Consent status {new_status!r}")
+
+
+def entry_to_dict(entry: LedgerEntry) -> dict[str, Any]:
+    """The entry as a JSON object (all fields)."""
+    return {name: getattr(entry, name) for name in ENTRY_FIELDS}
+
+
+def _unsigned_dict(entry: LedgerEntry) -> dict[str, Any]:
+    return {name: getattr(entry, name) for name in ENTRY_FIELDS[:-1]}
+
+
+def signed_bytes(entry: LedgerEntry) -> bytes:
+    """The bytes the server signs: canonical JSON of every field except ``sig``."""
+    return canonical_json(_unsigned_dict(entry))
+
+
+def entry_bytes(entry: LedgerEntry) -> bytes:
+    """The entry's canonical bytes — the Merkle leaf data and what is anchored externally."""
+    return canonical_json(entry_to_dict(entry))
+
+
+def entry_leaf_hash(entry: LedgerEntry) -> bytes:
+    """``SHA-256(0x00 || entry_bytes(entry))`` — RFC 9162 §2.1.1."""
+    return leaf_hash(entry_bytes(entry))
+
+
+def _check_fields(entry: LedgerEntry) -> None:
+    """Syntactic checks of every field (no cryptography)."""
+    if isinstance(entry.seq, bool) or not isinstance(entry.seq, int):
+        raise EntryError("seq must be an integer")
+    if not 0 <= entry.seq <= _MAX_SEQ:
+        raise EntryError("seq out of range")
+    for name in ENTRY_FIELDS[1:]:
+        if not isinstance(getattr(entry, name), str):
+            raise EntryError(f"{name} must be a string")
+    if not _TS_RE.fullmatch(entry.ts):
+        raise EntryError("ts must be RFC 3339 UTC like 2024-05-01T12:00:00.000000Z")
+    try:
+        _dt.datetime.strptime(entry.ts, "%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:
+        raise EntryError("ts is not a valid date-time") from None
+    if entry.kind not in KINDS:
+        raise EntryError(f"kind must be one of {sorted(KINDS)}")
+    m = _REF_RE.fullmatch(entry.ref)
+    if m is None or m.group(1) != entry.kind:
+        raise EntryError(f"ref must look like {entry.kind}/<id>/_history/<vid>")
+    allowed = CONSENT_EVENTS if entry.kind == "Consent" else DOCUMENT_EVENTS
+    if entry.event not in allowed:
+        raise EntryError(f"event {entry.event!r} is not valid for {entry.kind}")
+    if not _HEX64_RE.fullmatch(entry.subject):
+        raise EntryError("subject must be 64 lower-case hex digits")
+    if not _HEX64_RE.fullmatch(entry.resource_sha256):
+        raise EntryError("resource_sha256 must be 64 lower-case hex digits")
+    if not _KID_RE.fullmatch(entry.kid):
+        raise EntryError("kid must be 16 lower-case hex digits")
+    try:
+        sealed = b64decode(entry.sealed)
+    except ValueError:
+        raise EntryError("sealed is not valid base64") from None
+    if len(sealed) <= _SEALED_OVERHEAD:
+        raise EntryError("sealed is too short to be a sealed box")
+    try:
+        b64decode(entry.sig, length=64)
+    except ValueError:
+        raise EntryError("sig must be base64 of a 64-byte Ed25519 signature") from None
+
+
+def entry_from_dict(obj: Mapping[str, Any]) -> LedgerEntry:
+    """Strictly rebuild an entry from a JSON object: exactly the known fields, well-formed."""
+    if not isinstance(obj, Mapping):
+        raise EntryError("an entry is a JSON object")
+    keys = set(obj)
+    if keys != set(ENTRY_FIELDS):
+        missing, extra = set(ENTRY_FIELDS) - keys, keys - set(ENTRY_FIELDS)
+        raise EntryError(f"entry fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    entry = LedgerEntry(**{name: obj[name] for name in ENTRY_FIELDS})
+    _check_fields(entry)
+    return entry
+
+
+def entry_from_bytes(data: bytes) -> LedgerEntry:
+    """Parse entry bytes, requiring them to be exactly canonical."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise EntryError("entry bytes are not JSON") from None
+    entry = entry_from_dict(obj)
+    if entry_bytes(entry) != data:
+        raise EntryError("entry bytes are not in canonical form")
+    return entry
+
+
+def build_entry(
+    seq: int,
+    ts: _dt.datetime,
+    kind: str,
+    ref: str,
+    event: str,
+    patient_ref: str,
+    resource_json_bytes: bytes | None,
+    actor: str,
+    keyring: KeyRing,
+) -> LedgerEntry:
+    """Build and sign the ledger entry for one resource version (ledger.md §1).
+
+    ``resource_json_bytes`` is the JSON of the stored version (its ``resourceType`` must equal
+    ``kind``; ``id`` and ``meta.versionId``, when present, must match ``ref``) or ``None`` for a
+    ``deleted`` event. ``actor`` names who made the change (e.g. ``Practitioner/x``); it travels
+    only inside the sealed box. ``patient_ref`` (e.g. ``Patient/123``) appears only as its keyed
+    pseudonym.
+    """
+    m = _REF_RE.fullmatch(ref) if isinstance(ref, str) else None
+    if kind not in KINDS or m is None or m.group(1) != kind:
+        raise EntryError(f"ref {ref!r} is not a {kind} version reference")
+    if not isinstance(actor, str) or not actor:
+        raise EntryError("actor must be a non-empty string")
+    resource: dict[str, Any] | None
+    if resource_json_bytes is None:
+        if event != "deleted":
+            raise EntryError("only a 'deleted' entry may omit the resource")
+        resource = None
+    else:
+        try:
+            resource = orjson.loads(resource_json_bytes)
+        except orjson.JSONDecodeError:
+            raise EntryError("resource is not valid JSON") from None
+        if not isinstance(resource, dict) or resource.get("resourceType") != kind:
+            raise EntryError(f"resource is not a {kind}")
+        if "id" in resource and resource["id"] != m.group(2):
+            raise EntryError("resource id does not match ref")
+        meta = resource.get("meta")
+        vid = meta.get("versionId") if isinstance(meta, dict) else None
+        if vid is not None and vid != m.group(3):
+            raise EntryError("resource meta.versionId does not match ref")
+    try:
+        resource_canonical = canonical_json(resource)
+        # == canonical_json({"actor": actor, "resource": resource}) without a second walk
+        payload = b'{"actor":' + canonical_json(actor) + b',"resource":' + resource_canonical + b"}"
+    except ValueError as exc:
+        raise EntryError(f"resource cannot be canonicalised: {exc}") from None
+
+    unsigned = LedgerEntry(
+        seq=seq,
+        ts=format_ts(ts),
+        kind=kind,
+        ref=ref,
+        event=event,
+        subject=keyring.pseudonym(patient_ref),
+        resource_sha256=sha256_hex(resource_canonical),
+        sealed=b64encode(keyring.rms_public.seal(payload)),
+        kid=keyring.signing.key_id,
+        sig=b64encode(bytes(64)),  # placeholder, so the field check below passes
+    )
+    _check_fields(unsigned)
+    sig = keyring.signing.sign(signed_bytes(unsigned))
+    return LedgerEntry(**{**_unsigned_dict(unsigned), "sig": b64encode(sig)})
+
+
+def verify_entry(entry: LedgerEntry, public_keys_by_id: Mapping[str, PublicSigningKey]) -> None:
+    """Check an entry's fields and its signature by the key named in ``kid``.
+
+    ``public_keys_by_id`` is e.g. :meth:`KeyRing.verify_keys` (current and retired keys).
+    Raises :class:`EntryError` naming what is wrong.
+    """
+    _check_fields(entry)
+    key = public_keys_by_id.get(entry.kid)
+    if key is None:
+        raise EntryError(f"entry {entry.seq}: unknown signing key id {entry.kid}")
+    if key.key_id != entry.kid:
+        raise EntryError(f"entry {entry.seq}: key registered under {entry.kid} has another id")
+    try:
+        key.verify(signed_bytes(entry), b64decode(entry.sig, length=64))
+    except CryptoError:
+        raise EntryError(f"entry {entry.seq}: signature does not verify") from None
+
+
+def open_sealed(entry: LedgerEntry, rms_keypair: SealKeyPair) -> dict[str, Any]:
+    """Decrypt ``sealed`` with the RMS key; return ``{"resource": …, "actor": …}``.
+
+    Also checks that the sealed resource matches the public ``resource_sha256`` commitment, so
+    the server cannot seal something other than what it committed to. Raises :class:`EntryError`.
+    """
+    try:
+        plaintext = rms_keypair.unseal(b64decode(entry.sealed))
+    except (ValueError, CryptoError):
+        raise EntryError(f"entry {entry.seq}: sealed box cannot be opened with this key") from None
+    try:
+        payload = orjson.loads(plaintext)
+    except orjson.JSONDecodeError:
+        raise EntryError(f"entry {entry.seq}: sealed content is not JSON") from None
+    if not isinstance(payload, dict) or set(payload) != {"resource", "actor"}:
+        raise EntryError(f"entry {entry.seq}: sealed content is not {{resource, actor}}")
+    if not isinstance(payload["actor"], str):
+        raise EntryError(f"entry {entry.seq}: sealed actor is not a string")
+    if sha256_hex(canonical_json(payload["resource"])) != entry.resource_sha256:
+        raise EntryError(f"entry {entry.seq}: sealed resource does not match resource_sha256")
+    return payload
