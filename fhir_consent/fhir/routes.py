@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from fastapi import APIRouter, Depends, Request
+from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
@@ -48,16 +49,32 @@ from fhir_consent.fhir.services import (
     format_instant,
 )
 from fhir_consent.fhir.validation import SUPPORTED_TYPES, is_valid_id, parse_json_body
-from fhir_consent.fhir.visibility import Visibility, search_restrictions, visibility_for
+from fhir_consent.fhir.visibility import (
+    ConsentEnforcer,
+    Visibility,
+    search_restrictions,
+    visibility_for,
+)
+from fhir_consent.requestctx import current_access
 from fhir_consent.store.db import Database
 from fhir_consent.store.repository import CurrentRow, Repository, VersionRow
-from smart_on_fhir.scopes import Interaction
+from smart_on_fhir.scopes import Interaction, ScopeDecision
 
 __all__ = ["FHIRContext", "build_router"]
 
 T = TypeVar("T")
 _PATCH_TYPES = frozenset({"application/json-patch+json"})
 _FORM = "application/x-www-form-urlencoded"
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """What a request was allowed to do, decided before it touches the database."""
+
+    access: AccessContext
+    decision: ScopeDecision
+    rtype: str
+    now: int
 
 
 @dataclass(slots=True)
@@ -74,11 +91,20 @@ class FHIRContext:
     prewrites: list[PreWrite] = field(default_factory=list)
     authenticate: Authenticator = field(default_factory=open_authenticator)
     token_check: TokenCheck | None = None
+    consent: ConsentEnforcer | None = None
 
     def base(self, request: Request) -> str:
         if self.settings.public_base_url:
             return self.settings.public_base_url.rstrip("/")
         return str(request.base_url).rstrip("/") + self.settings.fhir_path
+
+    def visibility(self, conn: Connection, gate: Gate) -> Visibility:
+        """The request's visibility, computed inside its transaction (so a consent revoked a
+        moment ago is already in force)."""
+        if gate.access.is_open:
+            return visibility_for(gate.access)
+        consent = self.consent.filter_for(conn, gate.access, gate.now) if self.consent else None
+        return visibility_for(gate.access, gate.decision, gate.rtype, gate.now, consent)
 
     def service(self, conn: Any, guard: Visibility | None = None) -> ResourceService:
         return ResourceService(
@@ -145,26 +171,26 @@ def build_router() -> APIRouter:
 
     async def in_db(
         ctx: FHIRContext,
-        access: AccessContext,
-        fn: Callable[..., T],
-        *args: Any,
+        gate: Gate,
+        fn: Callable[[Connection, Visibility], T],
+        *,
         write: bool = False,
     ) -> T:
         def run() -> T:
             scope = ctx.db.write() if write else ctx.db.read()
             with scope as conn:
-                if ctx.token_check is not None and not access.is_open:
-                    ctx.token_check(conn, access)  # revoked tokens fail on their next call
-                return fn(conn, *args)
+                if ctx.token_check is not None and not gate.access.is_open:
+                    ctx.token_check(conn, gate.access)  # revoked tokens fail on their next call
+                return fn(conn, ctx.visibility(conn, gate))
 
         return await run_in_threadpool(run)
 
-    async def access_for(
+    async def gate_for(
         request: Request, ctx: FHIRContext, rtype: str, interaction: Interaction
-    ) -> tuple[AccessContext, Visibility]:
+    ) -> Gate:
         access = await ctx.authenticate(request)
-        decision = require(access, rtype, interaction)
-        return access, visibility_for(access, decision, rtype, ctx.clock())
+        current_access.set(access)
+        return Gate(access, require(access, rtype, interaction), rtype, ctx.clock())
 
     @router.get("/metadata")
     async def metadata(request: Request, ctx: Ctx) -> Response:
@@ -199,7 +225,7 @@ def build_router() -> APIRouter:
     ) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access, vis = await access_for(request, ctx, rtype, Interaction.SEARCH)
+        gate = await gate_for(request, ctx, rtype, Interaction.SEARCH)
         strict = parse_prefer(request).get("handling") == "strict"
         parsed = parse_search(
             rtype,
@@ -209,8 +235,13 @@ def build_router() -> APIRouter:
             max_count=ctx.settings.max_page_size,
             now=ctx.clock(),
         )
-        restrict = search_restrictions(access, rtype, ctx.clock())
-        body = await in_db(ctx, access, execute_search, parsed, ctx.base(request), restrict)
+        base = ctx.base(request)
+
+        def run(conn: Connection, vis: Visibility) -> bytes:
+            restrict = search_restrictions(gate.access, rtype, gate.now, vis.consent)
+            return execute_search(conn, parsed, base, restrict)
+
+        body = await in_db(ctx, gate, run)
         return fhir_response(body)
 
     @router.get("/{rtype}")
@@ -232,50 +263,50 @@ def build_router() -> APIRouter:
     async def create(rtype: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access, vis = await access_for(request, ctx, rtype, Interaction.CREATE)
+        gate = await gate_for(request, ctx, rtype, Interaction.CREATE)
         resource = await _body(request)
         ine = request.headers.get("if-none-exist")
         criteria = parse_qsl(ine.lstrip("?"), keep_blank_values=True) if ine is not None else None
 
-        def run(conn: Any) -> WriteResult:
+        def run(conn: Connection, vis: Visibility) -> WriteResult:
             return ctx.service(conn, vis).create(rtype, resource, if_none_exist=criteria)
 
-        result = await in_db(ctx, access, run, write=True)
+        result = await in_db(ctx, gate, run, write=True)
         return _written(request, ctx, result)
 
     @router.get("/{rtype}/_history")
     async def type_history(rtype: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access, vis = await access_for(request, ctx, rtype, Interaction.SEARCH)
-        return await _history(request, ctx, access, vis, rtype, None)
+        gate = await gate_for(request, ctx, rtype, Interaction.SEARCH)
+        return await _history(request, ctx, gate, None)
 
     @router.get("/{rtype}/{rid}")
     async def read(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access, vis = await access_for(request, ctx, rtype, Interaction.READ)
-        row = await in_db(ctx, access, lambda conn: ctx.service(conn, vis).read(rtype, rid))
+        gate = await gate_for(request, ctx, rtype, Interaction.READ)
+        row = await in_db(ctx, gate, lambda conn, vis: ctx.service(conn, vis).read(rtype, rid))
         return fhir_response(row.content, 200, _read_headers(row))
 
     @router.put("/{rtype}/{rid}")
     async def update(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access, vis = await access_for(request, ctx, rtype, Interaction.UPDATE)
+        gate = await gate_for(request, ctx, rtype, Interaction.UPDATE)
         resource = await _body(request)
         if_match = parse_if_match(request.headers.get("if-match"))
 
-        def run(conn: Any) -> WriteResult:
+        def run(conn: Connection, vis: Visibility) -> WriteResult:
             return ctx.service(conn, vis).update(rtype, rid, resource, if_match=if_match)
 
-        return _written(request, ctx, await in_db(ctx, access, run, write=True))
+        return _written(request, ctx, await in_db(ctx, gate, run, write=True))
 
     @router.patch("/{rtype}/{rid}")
     async def patch(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access, vis = await access_for(request, ctx, rtype, Interaction.UPDATE)
+        gate = await gate_for(request, ctx, rtype, Interaction.UPDATE)
         check_content_type(request, _PATCH_TYPES)
         raw = await request.body()
         try:
@@ -284,17 +315,17 @@ def build_router() -> APIRouter:
             raise BadRequest("The request body is not valid JSON") from None
         if_match = parse_if_match(request.headers.get("if-match"))
 
-        def run(conn: Any) -> WriteResult:
+        def run(conn: Connection, vis: Visibility) -> WriteResult:
             return ctx.service(conn, vis).patch(rtype, rid, ops, if_match=if_match)
 
-        return _written(request, ctx, await in_db(ctx, access, run, write=True))
+        return _written(request, ctx, await in_db(ctx, gate, run, write=True))
 
     @router.delete("/{rtype}/{rid}")
     async def delete(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
         _check_type(rtype)
-        access, vis = await access_for(request, ctx, rtype, Interaction.DELETE)
+        gate = await gate_for(request, ctx, rtype, Interaction.DELETE)
         row = await in_db(
-            ctx, access, lambda conn: ctx.service(conn, vis).delete(rtype, rid), write=True
+            ctx, gate, lambda conn, vis: ctx.service(conn, vis).delete(rtype, rid), write=True
         )
         headers = {"ETag": etag(row.version_id)} if row is not None else {}
         return Response(status_code=204, headers=headers)
@@ -305,25 +336,21 @@ def build_router() -> APIRouter:
         _check_type(rtype)
         if not is_valid_id(rid):
             raise BadRequest("The resource id is not a valid FHIR id")
-        access, vis = await access_for(request, ctx, rtype, Interaction.READ)
-        return await _history(request, ctx, access, vis, rtype, rid)
+        gate = await gate_for(request, ctx, rtype, Interaction.READ)
+        return await _history(request, ctx, gate, rid)
 
     @router.get("/{rtype}/{rid}/_history/{vid}")
     async def vread(rtype: str, rid: str, vid: str, request: Request, ctx: Ctx) -> Response:
         check_accept(request)
         _check_type(rtype)
-        access, vis = await access_for(request, ctx, rtype, Interaction.READ)
-        row = await in_db(ctx, access, lambda conn: ctx.service(conn, vis).vread(rtype, rid, vid))
+        gate = await gate_for(request, ctx, rtype, Interaction.READ)
+        row = await in_db(
+            ctx, gate, lambda conn, vis: ctx.service(conn, vis).vread(rtype, rid, vid)
+        )
         return fhir_response(row.content, 200, _read_headers(row))
 
-    async def _history(
-        request: Request,
-        ctx: Ctx,
-        access: AccessContext,
-        vis: Visibility,
-        rtype: str,
-        rid: str | None,
-    ) -> Response:
+    async def _history(request: Request, ctx: Ctx, gate: Gate, rid: str | None) -> Response:
+        rtype = gate.rtype
         q = request.query_params
         since = None
         if "_since" in q:
@@ -343,7 +370,7 @@ def build_router() -> APIRouter:
             before = int(q["_cursor"])
         base = ctx.base(request)
 
-        def run(conn: Any) -> bytes:
+        def run(conn: Connection, vis: Visibility) -> bytes:
             repo = Repository(conn)
             if rid is not None:
                 current = repo.current(rtype, rid)
@@ -358,7 +385,7 @@ def build_router() -> APIRouter:
                 base, rtype, rid, rows, count, total, since_raw=q.get("_since"), cursor=before
             )
 
-        return fhir_response(await in_db(ctx, access, run))
+        return fhir_response(await in_db(ctx, gate, run))
 
     return router
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -27,7 +27,14 @@ from fhir_consent.store.search import conditions_predicate
 from fhir_consent.store.tables import idx_reference, resources
 from smart_on_fhir.scopes import Context, Interaction, ScopeDecision
 
-__all__ = ["PATIENT_COMPARTMENT", "Visibility", "search_restrictions", "visibility_for"]
+__all__ = [
+    "PATIENT_COMPARTMENT",
+    "ConsentEnforcer",
+    "ConsentFilter",
+    "Visibility",
+    "search_restrictions",
+    "visibility_for",
+]
 
 #: R4 CompartmentDefinition "patient": the reference parameters that put a resource of each
 #: type into a patient's compartment. Types absent here (Organization, Practitioner,
@@ -48,6 +55,23 @@ PATIENT_COMPARTMENT: Mapping[str, tuple[str, ...]] = {
 Predicate = Callable[[Any], ColumnElement[bool]]
 
 
+class ConsentFilter(Protocol):
+    """The consent engine's answer for one request, computed inside its transaction."""
+
+    def predicate(self, resource_type: str) -> Predicate | None:
+        """SQL predicate over ``resources`` selecting the rows the consents permit (None:
+        the type is not patient data, or the requester sees everything of it)."""
+
+    def permits(self, conn: Connection, row: CurrentRow) -> bool:
+        """Whether one stored row is permitted (same rule as :meth:`predicate`)."""
+
+
+class ConsentEnforcer(Protocol):
+    def filter_for(
+        self, conn: Connection, access: AccessContext, now: int
+    ) -> ConsentFilter | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Visibility:
     """The visibility rules of one request."""
@@ -55,11 +79,13 @@ class Visibility:
     patient: str | None  # patient-compartment restriction (patient/ scopes), else None
     filtered_type: str | None = None  # the type that granular scope filters apply to
     filters: Predicate | None = None  # SMART v2 granular scope filters, as SQL
+    consent: ConsentFilter | None = None  # the consent engine's filter for this request
 
     def restrict_for(self, resource_type: str) -> Predicate | None:
         """The SQL predicate over ``resources`` for rows of ``resource_type``, or None."""
         extra = self.filters if resource_type == self.filtered_type else None
-        return _both(self._compartment(resource_type), extra)
+        by_consent = self.consent.predicate(resource_type) if self.consent else None
+        return _both(_both(self._compartment(resource_type), extra), by_consent)
 
     def _compartment(self, resource_type: str) -> Predicate | None:
         if self.patient is None or resource_type not in PATIENT_COMPARTMENT:
@@ -88,14 +114,16 @@ class Visibility:
         return predicate
 
     def can_see(self, conn: Connection, row: CurrentRow) -> bool:
-        """Whether one stored row is visible (same predicate as searches)."""
-        predicate = self.restrict_for(row.res_type)
-        if predicate is None:
-            return True
-        found = conn.execute(
-            sa.select(resources.c.pk).where(resources.c.pk == row.pk, predicate(resources))
-        ).first()
-        return found is not None
+        """Whether one stored row is visible (same rules as searches)."""
+        extra = self.filters if row.res_type == self.filtered_type else None
+        predicate = _both(self._compartment(row.res_type), extra)
+        if predicate is not None:
+            found = conn.execute(
+                sa.select(resources.c.pk).where(resources.c.pk == row.pk, predicate(resources))
+            ).first()
+            if found is None:
+                return False
+        return self.consent is None or self.consent.permits(conn, row)
 
     def can_write(self, resource_type: str, index: IndexRows, res_id: str) -> bool:
         """Whether a new version (given its index rows) stays inside the visible set."""
@@ -118,18 +146,21 @@ def visibility_for(
     decision: ScopeDecision | None = None,
     resource_type: str | None = None,
     now: int = 0,
+    consent: ConsentFilter | None = None,
 ) -> Visibility:
-    """Visibility for a request: patient-level access is confined to the token's patient, and
-    granular scopes filter ``resource_type``."""
+    """Visibility for a request: patient-level access is confined to the token's patient,
+    granular scopes filter ``resource_type``, and the consent filter applies on top."""
     if access.is_open or decision is None:
         return _EVERYTHING
     filters = _granular(resource_type, decision, now) if resource_type else None
     patient = None
     if decision.context is Context.PATIENT:
         patient = access.patient or "\x00no-patient-context"  # no context: matches nothing
-    if patient is None and filters is None:
+    if patient is None and filters is None and consent is None:
         return _EVERYTHING
-    return Visibility(patient=patient, filtered_type=resource_type, filters=filters)
+    return Visibility(
+        patient=patient, filtered_type=resource_type, filters=filters, consent=consent
+    )
 
 
 def _nothing(_table: Any) -> ColumnElement[bool]:
@@ -162,7 +193,7 @@ def _both(a: Predicate | None, b: Predicate | None) -> Predicate | None:
 
 
 def search_restrictions(
-    access: AccessContext, primary_type: str, now: int
+    access: AccessContext, primary_type: str, now: int, consent: ConsentFilter | None = None
 ) -> Callable[[str], Predicate | None]:
     """Per resource type, what a search (and its ``_include``s) may return: the scope check
     (search for the searched type, read for included types), the patient compartment, and
@@ -175,6 +206,7 @@ def search_restrictions(
         decision = access.scopes.decide(resource_type, interaction)
         if not decision.allowed:
             return _nothing
-        return visibility_for(access, decision, resource_type, now).restrict_for(resource_type)
+        vis = visibility_for(access, decision, resource_type, now, consent)
+        return vis.restrict_for(resource_type)
 
     return restrict_for
