@@ -37,6 +37,16 @@ _SEARCH_TYPE_NAMES = {
 _RESULT_PARAMS = ("_count", "_sort", "_include", "_revinclude", "_summary", "_total", "_elements")
 
 
+_OPERATIONS: dict[str, list[dict[str, str]]] = {
+    "Patient": [
+        {
+            "name": "everything",
+            "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+        }
+    ],
+}
+
+
 def _resource(rtype: str) -> dict[str, Any]:
     params = sp.params_for(rtype)
     ref_params = sorted(n for n, p in params.items() if p.type is sp.ParamType.REFERENCE)
@@ -46,7 +56,7 @@ def _resource(rtype: str) -> dict[str, Any]:
         for name, p in sp.params_for(other).items()
         if p.type is sp.ParamType.REFERENCE and (not p.targets or rtype in p.targets)
     )
-    return {
+    out: dict[str, Any] = {
         "type": rtype,
         "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
         "interaction": [{"code": code} for code in _INTERACTIONS],
@@ -68,6 +78,9 @@ def _resource(rtype: str) -> dict[str, Any]:
             for name, p in sorted(params.items())
         ],
     }
+    if rtype in _OPERATIONS:
+        out["operation"] = _OPERATIONS[rtype]
+    return out
 
 
 def capability_statement(

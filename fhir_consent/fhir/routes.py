@@ -39,7 +39,7 @@ from fhir_consent.fhir.http import (
     parse_prefer,
 )
 from fhir_consent.fhir.query import parse_search
-from fhir_consent.fhir.searching import execute_search, raw_bundle
+from fhir_consent.fhir.searching import everything, execute_search, raw_bundle
 from fhir_consent.fhir.services import (
     Clock,
     PreWrite,
@@ -280,6 +280,20 @@ def build_router() -> APIRouter:
         _check_type(rtype)
         gate = await gate_for(request, ctx, rtype, Interaction.SEARCH)
         return await _history(request, ctx, gate, None)
+
+    @router.get("/Patient/{rid}/$everything")
+    async def patient_everything(rid: str, request: Request, ctx: Ctx) -> Response:
+        """R4 Patient/$everything: every path through it is filtered like a search."""
+        check_accept(request)
+        gate = await gate_for(request, ctx, "Patient", Interaction.READ)
+        base = ctx.base(request)
+
+        def run(conn: Connection, vis: Visibility) -> bytes:
+            patient = ctx.service(conn, vis).read("Patient", rid)
+            restrict = search_restrictions(gate.access, "Patient", gate.now, vis.consent)
+            return everything(conn, patient, base, restrict)
+
+        return fhir_response(await in_db(ctx, gate, run))
 
     @router.get("/{rtype}/{rid}")
     async def read(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:

@@ -18,11 +18,12 @@ from sqlalchemy.sql.elements import ColumnElement
 from fhir_consent.errors import BadRequest
 from fhir_consent.fhir.query import Include, ParsedSearch
 from fhir_consent.fhir.shaping import shape
+from fhir_consent.fhir.visibility import PATIENT_COMPARTMENT
 from fhir_consent.store.repository import CurrentRow, Repository
 from fhir_consent.store.search import CursorError, count_only, run_search
 from fhir_consent.store.tables import idx_reference, resources
 
-__all__ = ["execute_search", "raw_bundle"]
+__all__ = ["everything", "execute_search", "raw_bundle"]
 
 _MAX_INCLUDED = 1000
 _MAX_ITERATIONS = 3
@@ -199,3 +200,45 @@ def _reverse(
         sa.select(*resources.c).where(*where).order_by(resources.c.pk).limit(_MAX_INCLUDED)
     )
     return [CurrentRow(*row) for row in rows]
+
+
+_EVERYTHING_LIMIT = 10_000
+
+
+def everything(
+    conn: Connection,
+    patient: CurrentRow,
+    base: str,
+    restrict_for: Callable[[str], Restrict | None],
+) -> bytes:
+    """``Patient/{id}/$everything`` (R4 patient-operation-everything): the patient and every
+    resource in their compartment that the caller may see, as a searchset Bundle. Each type's
+    visibility predicate applies in SQL, exactly as for searches."""
+    rows: list[CurrentRow] = [patient]
+    r = idx_reference.c
+    for rtype, params in sorted(PATIENT_COMPARTMENT.items()):
+        if rtype == "Patient" or not params:
+            continue
+        sub = sa.select(r.resource_pk).where(
+            r.res_type == rtype,
+            r.param.in_(params),
+            r.target_type == "Patient",
+            r.target_id == patient.res_id,
+        )
+        where: list[ColumnElement[bool]] = [
+            resources.c.res_type == rtype,
+            resources.c.deleted.is_(False),
+            resources.c.pk.in_(sub),
+        ]
+        restrict = restrict_for(rtype)
+        if restrict is not None:
+            where.append(restrict(resources))
+        stmt = sa.select(*resources.c).where(*where).order_by(resources.c.pk)
+        rows += [CurrentRow(*row) for row in conn.execute(stmt.limit(_EVERYTHING_LIMIT))]
+    head: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(rows),
+        "link": [{"relation": "self", "url": f"{base}/Patient/{patient.res_id}/$everything"}],
+    }
+    return raw_bundle(head, [_entry(base, row, "match", None, None) for row in rows])

@@ -370,5 +370,6 @@ def test_capability_statement(client: TestClient) -> None:
     } <= consent_params
     assert "source" not in consent_params
     assert {i["code"] for i in cs["rest"][0]["interaction"]} == {"transaction", "batch"}
+    assert types["Patient"]["operation"][0]["name"] == "everything"
     # metadata needs no body and answers JSON only
     assert client.get("/fhir/metadata", headers={"accept": "application/xml"}).status_code == 406

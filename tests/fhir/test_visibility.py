@@ -209,3 +209,27 @@ def test_granular_scope_filters_search(world: dict[str, Any]) -> None:
         world["p1"], "patient/DocumentReference.rs?category=http://example.org/cat|34133-9"
     )
     assert match_ids(c.get("/fhir/DocumentReference").json()) == {world["d1"]}
+
+
+def test_patient_everything(world: dict[str, Any]) -> None:
+    c, caller = world["c"], world["caller"]
+    caller.open()
+    cid = post(
+        c,
+        {
+            "resourceType": "Consent",
+            "status": "active",
+            "scope": {"coding": [{"code": "patient-privacy"}]},
+            "category": [{"coding": [{"code": "59284-0"}]}],
+            "patient": {"reference": f"Patient/{world['p1']}"},
+        },
+    )
+    b = c.get(f"/fhir/Patient/{world['p1']}/$everything").json()
+    assert b["type"] == "searchset"
+    assert match_ids(b) == {world["p1"], world["d1"], world["d1b"], cid}
+    assert b["total"] == 4
+    caller.patient(world["p1"], "patient/Patient.r patient/DocumentReference.rs")
+    b = c.get(f"/fhir/Patient/{world['p1']}/$everything").json()
+    assert match_ids(b) == {world["p1"], world["d1"], world["d1b"]}  # no Consent scope
+    assert c.get(f"/fhir/Patient/{world['p2']}/$everything").status_code == 404
+    assert c.get("/fhir/Patient/nobody/$everything").status_code == 404
