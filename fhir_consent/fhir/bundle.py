@@ -1,36 +1,45 @@
 """Batch and transaction Bundles (R4 http.html §3.1.0.11).
 
 A transaction is atomic: every entry runs in one database transaction, in the order the
-specification requires (DELETE, POST, PUT/PATCH, GET), with ``urn:uuid:`` full URLs resolved
-to server-assigned ids and every reference to them rewritten first. Any failure rolls the
-whole transaction back and answers with that entry's error. A batch runs each entry in its
+specification requires (DELETE, POST, PUT/PATCH, GET). ``urn:uuid:``/``urn:oid:`` (and
+absolute) full URLs of created resources are resolved to server-assigned ids — or, for a
+conditional create that matches, to the existing resource — and every link to them is
+rewritten first (references, uri/url elements, narrative links). Overlapping identities and
+placeholders no entry resolves fail the transaction. Any failure rolls the whole transaction
+back and answers with that entry's error, naming the entry. A batch runs each entry in its
 own transaction and reports each entry's outcome.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 from sqlalchemy.engine import Connection
 
-from fhir_consent.errors import BadRequest, FHIRError, MethodNotAllowed
+from fhir_consent.errors import BadRequest, FHIRError, MethodNotAllowed, PreconditionFailed
 from fhir_consent.fhir.http import etag, parse_if_match
 from fhir_consent.fhir.query import parse_search
 from fhir_consent.fhir.searching import execute_search
 from fhir_consent.fhir.services import ResourceService, WriteResult, format_instant
-from fhir_consent.fhir.validation import SUPPORTED_TYPES
-from fhir_consent.store.repository import CurrentRow
+from fhir_consent.fhir.validation import SUPPORTED_TYPES, validate_resource
+from fhir_consent.store.repository import CurrentRow, Repository
 
 __all__ = ["BundleContext", "process_bundle"]
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 _STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content"}
+_PLACEHOLDERS = ("urn:uuid:", "urn:oid:")
+_PATCH_TYPE = "application/json-patch+json"
+_QUOTED = re.compile(r"""(["'])([^"'<>]*)\1""")  # a quoted attribute value in a narrative div
 
 
 @dataclass(slots=True)
@@ -60,6 +69,15 @@ class _Entry:
     if_match: str | None
     if_none_exist: str | None
     rid_assigned: str | None = None
+    aliases: list[str] = field(default_factory=list)  # links that name this entry's resource
+    existing: CurrentRow | None = None  # a transaction's conditional create that matched
+
+
+def _optional_str(request: dict[str, Any], key: str, i: int) -> str | None:
+    value = request.get(key)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"Bundle.entry[{i}].request.{key} must be a string")
+    return value
 
 
 def _parse_entries(bundle: dict[str, Any], base: str) -> list[_Entry]:
@@ -71,7 +89,8 @@ def _parse_entries(bundle: dict[str, Any], base: str) -> list[_Entry]:
         if not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
             raise BadRequest(f"Bundle.entry[{i}] has no request")
         req = entry["request"]
-        method = str(req.get("method", "")).upper()
+        method = req.get("method")
+        method = method.upper() if isinstance(method, str) else ""
         url = req.get("url")
         if method not in _ORDER or not isinstance(url, str) or not url:
             raise BadRequest(f"Bundle.entry[{i}].request needs a method and a url")
@@ -101,35 +120,64 @@ def _parse_entries(bundle: dict[str, Any], base: str) -> list[_Entry]:
                 path[0],
                 rid,
                 vid,
-                parse_qsl(parts.query),
+                parse_qsl(parts.query, keep_blank_values=True),
                 resource,
-                full_url if isinstance(full_url, str) else None,
-                req.get("ifMatch"),
-                req.get("ifNoneExist"),
+                full_url if isinstance(full_url, str) and full_url else None,
+                _optional_str(req, "ifMatch", i),
+                _optional_str(req, "ifNoneExist", i),
             )
         )
     return out
 
 
-def _rewrite(value: Any, mapping: dict[str, str]) -> Any:
+def _criteria(if_none_exist: str) -> list[tuple[str, str]]:
+    return parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True)
+
+
+# -- link rewriting -----------------------------------------------------------------------
+
+
+def _rewrite(value: Any, mapping: dict[str, str], key: str = "") -> Any:
+    """Replace every link to a resolved entry (R4 http.html §3.1.0.11.2): any string equal
+    to a mapped full URL (references, uri/url/canonical elements) — except ``value``, whose
+    datatype is a plain string (Identifier.value, ContactPoint.value) — and quoted links in
+    narrative ``div``s."""
     if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            if k == "reference" and isinstance(v, str) and v in mapping:
-                out[k] = mapping[v]
-            else:
-                out[k] = _rewrite(v, mapping)
-        return out
+        return {k: _rewrite(v, mapping, k) for k, v in value.items()}
     if isinstance(value, list):
-        return [_rewrite(v, mapping) for v in value]
+        return [_rewrite(v, mapping, key) for v in value]
+    if isinstance(value, str):
+        if key == "div":
+            return _QUOTED.sub(lambda m: m[1] + mapping.get(m[2], m[2]) + m[1], value)
+        if key != "value":
+            return mapping.get(value, value)
     return value
+
+
+def _unresolved(value: Any) -> bool:
+    """Whether a reference still names a bundle-local placeholder (``urn:uuid:``/``urn:oid:``)."""
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        if isinstance(ref, str) and ref.startswith(_PLACEHOLDERS):
+            return True
+        return any(_unresolved(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_unresolved(v) for v in value)
+    return False
+
+
+# -- entry execution ----------------------------------------------------------------------
+
+
+def _status(code: int) -> str:
+    return _STATUS_TEXT.get(code) or f"{code} {HTTPStatus(code).phrase}"
 
 
 def _written(base: str, result: WriteResult, minimal: bool) -> dict[str, Any]:
     row = result.row
     status = 201 if result.created else 200
     response: dict[str, Any] = {
-        "status": _STATUS_TEXT[status],
+        "status": _status(status),
         "location": f"{row.res_type}/{row.res_id}/_history/{row.version_id}",
         "etag": etag(row.version_id),
         "lastModified": format_instant(row.last_updated),
@@ -141,20 +189,26 @@ def _written(base: str, result: WriteResult, minimal: bool) -> dict[str, Any]:
 
 
 def _deleted(row: CurrentRow | None) -> dict[str, Any]:
-    response: dict[str, Any] = {"status": _STATUS_TEXT[204]}
+    response: dict[str, Any] = {"status": _status(204)}
     if row is not None:
         response["etag"] = etag(row.version_id)
     return {"response": response}
 
 
 def _patch_ops(resource: dict[str, Any]) -> Any:
-    if resource.get("resourceType") != "Binary" or resource.get("contentType") not in (
-        "application/json-patch+json",
+    ctype = resource.get("contentType")
+    if (
+        resource.get("resourceType") != "Binary"
+        or not isinstance(ctype, str)
+        or ctype.split(";")[0].strip().lower() != _PATCH_TYPE
     ):
-        raise BadRequest("A PATCH entry must carry a Binary with application/json-patch+json")
+        raise BadRequest(f"A PATCH entry must carry a Binary with {_PATCH_TYPE}")
+    data = resource.get("data")
+    if not isinstance(data, str):
+        raise BadRequest("The PATCH entry's Binary.data is not a base64 JSON Patch")
     try:
-        return orjson.loads(base64.b64decode(resource.get("data", ""), validate=True))
-    except (ValueError, orjson.JSONDecodeError):
+        return orjson.loads(base64.b64decode(data, validate=True))
+    except ValueError:  # binascii.Error and orjson.JSONDecodeError are ValueErrors
         raise BadRequest("The PATCH entry's Binary.data is not a base64 JSON Patch") from None
 
 
@@ -164,8 +218,12 @@ def _run_entry(conn: Connection, ctx: BundleContext, e: _Entry) -> dict[str, Any
         assert e.resource is not None
         if e.rid is not None:
             raise MethodNotAllowed("POST to a resource id is not supported")
-        criteria = parse_qsl(e.if_none_exist.lstrip("?")) if e.if_none_exist else None
-        result = svc.create(e.rtype, e.resource, if_none_exist=criteria, res_id=e.rid_assigned)
+        if e.existing is not None:  # a transaction's conditional create, resolved up front
+            validate_resource(e.resource, e.rtype)
+            result = WriteResult(e.existing, created=False, existing=True)
+        else:
+            criteria = _criteria(e.if_none_exist) if e.if_none_exist is not None else None
+            result = svc.create(e.rtype, e.resource, if_none_exist=criteria, res_id=e.rid_assigned)
         return _written(ctx.base, result, ctx.return_minimal)
     if e.method == "PUT":
         assert e.resource is not None and e.rid is not None
@@ -173,6 +231,9 @@ def _run_entry(conn: Connection, ctx: BundleContext, e: _Entry) -> dict[str, Any
         return _written(ctx.base, result, ctx.return_minimal)
     if e.method == "PATCH":
         assert e.resource is not None and e.rid is not None
+        # Lock before the patch reads the current version: otherwise a concurrent writer
+        # between that read and the update turns this into a spurious 412 (PostgreSQL).
+        _lock(conn, [(e.rtype, e.rid)])
         result = svc.patch(
             e.rtype, e.rid, _patch_ops(e.resource), if_match=parse_if_match(e.if_match)
         )
@@ -190,22 +251,36 @@ def _run_entry(conn: Connection, ctx: BundleContext, e: _Entry) -> dict[str, Any
             now=svc.clock(),
         )
         body = execute_search(conn, parsed, ctx.base)
-        return {"resource": orjson.loads(body), "response": {"status": _STATUS_TEXT[200]}}
-    row = svc.vread(e.rtype, e.rid, e.vid) if e.vid else svc.read(e.rtype, e.rid)
-    assert row.content is not None
-    return {
-        "fullUrl": f"{ctx.base}/{e.rtype}/{e.rid}",
-        "resource": orjson.loads(row.content),
-        "response": {
-            "status": _STATUS_TEXT[200],
-            "etag": etag(row.version_id),
-            "lastModified": format_instant(row.last_updated),
-        },
-    }
+        out: dict[str, Any] = {"response": {"status": _status(200)}}
+    else:
+        row = svc.vread(e.rtype, e.rid, e.vid) if e.vid else svc.read(e.rtype, e.rid)
+        assert row.content is not None
+        body = row.content
+        out = {
+            "fullUrl": f"{ctx.base}/{e.rtype}/{e.rid}",
+            "response": {
+                "status": _status(200),
+                "etag": etag(row.version_id),
+                "lastModified": format_instant(row.last_updated),
+            },
+        }
+    if e.method == "GET":  # HEAD answers without a body
+        out["resource"] = orjson.loads(body)
+    return out
+
+
+def _lock(conn: Connection, identities: Iterable[tuple[str, str]]) -> None:
+    """Lock the current rows of these resources, in one canonical order (PostgreSQL row
+    locks; SQLite serializes writers already). A transaction locks everything it will change
+    before changing anything, so two transactions touching the same resources in different
+    orders queue instead of deadlocking."""
+    repo = Repository(conn)
+    for rtype, rid in sorted(identities):
+        repo.current(rtype, rid, for_update=True)
 
 
 def _error_entry(exc: FHIRError) -> dict[str, Any]:
-    return {"response": {"status": str(exc.status), "outcome": exc.outcome()}}
+    return {"response": {"status": _status(exc.status), "outcome": exc.outcome()}}
 
 
 def process_bundle(bundle: dict[str, Any], ctx: BundleContext) -> dict[str, Any]:
@@ -218,12 +293,12 @@ def process_bundle(bundle: dict[str, Any], ctx: BundleContext) -> dict[str, Any]
     entries = _parse_entries(bundle, ctx.base)
     if btype == "batch":
         results = [_batch_entry(ctx, e) for e in entries]
-        return {"resourceType": "Bundle", "type": "batch-response", "entry": results}
-    return {
-        "resourceType": "Bundle",
-        "type": "transaction-response",
-        "entry": _transaction(ctx, entries),
-    }
+    else:
+        results = _transaction(ctx, entries)
+    out: dict[str, Any] = {"resourceType": "Bundle", "type": f"{btype}-response"}
+    if results:  # FHIR JSON has no empty arrays
+        out["entry"] = results
+    return out
 
 
 def _batch_entry(ctx: BundleContext, e: _Entry) -> dict[str, Any]:
@@ -235,42 +310,120 @@ def _batch_entry(ctx: BundleContext, e: _Entry) -> dict[str, Any]:
         return _error_entry(exc)
 
 
-def _transaction(ctx: BundleContext, entries: list[_Entry]) -> list[dict[str, Any]]:
+# -- transactions -------------------------------------------------------------------------
+
+
+@contextmanager
+def _blame(e: _Entry) -> Iterator[None]:
+    """Name the failing entry (by its position in the request) in the OperationOutcome."""
+    try:
+        yield
+    except FHIRError as exc:
+        for issue in exc.issues:
+            issue.diagnostics = f"Bundle.entry[{e.index}]: {issue.diagnostics}"
+        raise
+
+
+def _assign_ids(base: str, entries: list[_Entry]) -> dict[str, str]:
+    """Pre-assign ids to creates and map each entry's full URL (and, for a URL on this
+    server, its relative form) to the identity the entry will have."""
     mapping: dict[str, str] = {}
     for e in entries:
         if e.method == "POST":
-            new_id = str(uuid.uuid4())
-            if e.full_url and e.full_url.startswith("urn:uuid:"):
-                if e.full_url in mapping:
-                    raise BadRequest(f"Bundle.entry[{e.index}].fullUrl is duplicated")
-                mapping[e.full_url] = f"{e.rtype}/{new_id}"
-            e.rid_assigned = new_id
-        elif e.method == "PUT" and e.full_url and e.full_url.startswith("urn:uuid:"):
-            mapping[e.full_url] = f"{e.rtype}/{e.rid}"
-    results: dict[int, dict[str, Any]] = {}
-    with ctx.write() as conn:
-        for e in entries:
-            if e.method == "POST" and e.if_none_exist:
-                # A conditional create that matches keeps the existing id for references.
-                _resolve_conditional(conn, ctx, e, mapping)
-        for e in entries:
-            if e.resource is not None:
-                e.resource = _rewrite(e.resource, mapping)
-        for e in sorted(entries, key=lambda x: (_ORDER[x.method], x.index)):
-            try:
-                results[e.index] = _run_entry(conn, ctx, e)
-            except FHIRError as exc:  # the with-block rolls everything back
-                for issue in exc.issues:
-                    issue.diagnostics = f"Bundle.entry[{e.index}]: {issue.diagnostics}"
-                raise
-    return [results[i] for i in range(len(entries))]
+            e.rid_assigned = str(uuid.uuid4())
+            target = f"{e.rtype}/{e.rid_assigned}"
+        elif e.method == "PUT":
+            target = f"{e.rtype}/{e.rid}"
+        else:
+            continue
+        if e.full_url is None:
+            continue
+        e.aliases.append(e.full_url)
+        if e.method == "POST" and e.full_url.startswith(base + "/"):
+            local = e.full_url[len(base) + 1 :]
+            if local.count("/") == 1 and local.split("/")[0] == e.rtype:
+                e.aliases.append(local)
+        for alias in e.aliases:
+            if alias in mapping:
+                raise BadRequest(f"Bundle.entry[{e.index}].fullUrl is duplicated")
+            mapping[alias] = target
+    return mapping
+
+
+def _check_overlaps(entries: list[_Entry]) -> set[tuple[str, str]]:
+    """R4 http.html §3.1.0.11.2: identities touched by DELETE/PUT/PATCH may not overlap.
+    Returns the touched identities."""
+    touched: set[tuple[str, str]] = set()
+    conditional: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    for e in entries:
+        if e.method in ("DELETE", "PUT", "PATCH"):
+            assert e.rid is not None
+            if (e.rtype, e.rid) in touched:
+                raise BadRequest(
+                    f"Bundle.entry[{e.index}]: {e.rtype}/{e.rid[:64]} is the target of more "
+                    "than one entry"
+                )
+            touched.add((e.rtype, e.rid))
+        elif e.method == "POST" and e.if_none_exist is not None:
+            key = (e.rtype, tuple(sorted(_criteria(e.if_none_exist))))
+            if key in conditional:
+                raise BadRequest(
+                    f"Bundle.entry[{e.index}]: the same conditional create appears twice"
+                )
+            conditional.add(key)
+    return touched
 
 
 def _resolve_conditional(
-    conn: Connection, ctx: BundleContext, e: _Entry, mapping: dict[str, str]
+    conn: Connection,
+    ctx: BundleContext,
+    e: _Entry,
+    mapping: dict[str, str],
+    touched: set[tuple[str, str]],
 ) -> None:
-    svc = ctx.service(conn)
-    criteria = parse_qsl((e.if_none_exist or "").lstrip("?"))
-    matches = svc.conditional_matches(e.rtype, criteria)
-    if len(matches) == 1 and e.full_url and e.full_url in mapping:
-        mapping[e.full_url] = f"{e.rtype}/{matches[0].res_id}"
+    """Decide a conditional create once, before any POST runs, so that links to it can be
+    rewritten: a single match becomes the entry's identity; none means create."""
+    assert e.if_none_exist is not None
+    matches = ctx.service(conn).conditional_matches(e.rtype, _criteria(e.if_none_exist))
+    if len(matches) > 1:
+        raise PreconditionFailed("ifNoneExist matched more than one resource")
+    e.if_none_exist = None  # decided: never re-evaluated against this transaction's writes
+    if not matches:
+        return
+    match = matches[0]
+    if (e.rtype, match.res_id) in touched:
+        raise BadRequest(
+            f"ifNoneExist matched {e.rtype}/{match.res_id}, which another entry changes"
+        )
+    e.existing = match
+    for alias in e.aliases:
+        mapping[alias] = f"{e.rtype}/{match.res_id}"
+
+
+def _transaction(ctx: BundleContext, entries: list[_Entry]) -> list[dict[str, Any]]:
+    mapping = _assign_ids(ctx.base, entries)
+    touched = _check_overlaps(entries)
+    results: dict[int, dict[str, Any]] = {}
+    with ctx.write() as conn:  # any exception rolls the whole transaction back
+        _lock(conn, touched)
+        for e in entries:
+            if e.method == "DELETE":
+                with _blame(e):
+                    results[e.index] = _run_entry(conn, ctx, e)
+        for e in entries:
+            if e.method == "POST" and e.if_none_exist is not None:
+                with _blame(e):
+                    _resolve_conditional(conn, ctx, e, mapping, touched)
+        for e in entries:
+            if e.resource is not None:
+                e.resource = _rewrite(e.resource, mapping)
+                if e.method in ("POST", "PUT") and _unresolved(e.resource):
+                    raise BadRequest(
+                        f"Bundle.entry[{e.index}]: a reference names a placeholder (urn:uuid: "
+                        "or urn:oid:) that is not the fullUrl of an entry in this transaction"
+                    )
+        rest = [e for e in entries if e.method != "DELETE"]
+        for e in sorted(rest, key=lambda x: (_ORDER[x.method], x.index)):
+            with _blame(e):
+                results[e.index] = _run_entry(conn, ctx, e)
+    return [results[i] for i in range(len(entries))]

@@ -151,11 +151,12 @@ class ResourceService:
 
     # -- reads -----------------------------------------------------------------------------
 
-    def read(self, res_type: str, res_id: str) -> CurrentRow:
-        """R4 http.html §3.1.0.2 read: 404 unknown, 410 deleted."""
+    def read(self, res_type: str, res_id: str, *, for_update: bool = False) -> CurrentRow:
+        """R4 http.html §3.1.0.2 read: 404 unknown, 410 deleted. ``for_update`` locks the row
+        for the rest of the transaction (read-modify-write such as PATCH)."""
         _check_type(res_type)
         _check_id(res_id)
-        row = self.repo.current(res_type, res_id)
+        row = self.repo.current(res_type, res_id, for_update=for_update)
         if row is None or not self._visible(row):
             raise NotFound(f"{res_type}/{res_id} is not known")
         if row.deleted:
@@ -260,7 +261,7 @@ class ResourceService:
         """JSON Patch (RFC 6902) on the current version (R4 http.html §3.1.0.6)."""
         if not isinstance(operations, list) or not all(isinstance(o, dict) for o in operations):
             raise BadRequest("A JSON Patch document must be an array of operations")
-        current = self.read(res_type, res_id)
+        current = self.read(res_type, res_id, for_update=True)  # no lost update between read/write
         if if_match is not None and current.version_id != if_match:
             raise PreconditionFailed(
                 "If-Match does not match the current version", headers=_etag_headers(current)

@@ -22,7 +22,12 @@ HEADERS = {"content-type": "application/fhir+json"}
 @pytest.fixture
 def two_workers(db_url: str, tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    env = {**os.environ, "FHIR_CONSENT_DATABASE_URL": db_url, "FHIR_CONSENT_AUTO_MIGRATE": "false"}
+    env = {
+        **os.environ,
+        "FHIR_CONSENT_DATABASE_URL": db_url,
+        "FHIR_CONSENT_AUTO_MIGRATE": "false",
+        "FHIR_CONSENT_OPEN_ACCESS": "true",  # these tests are about storage, not tokens
+    }
     proc = subprocess.Popen(
         [
             sys.executable,
