@@ -89,11 +89,15 @@ class FHIRError(Exception):
         *,
         issues: Sequence[Issue] | None = None,
         headers: dict[str, str] | None = None,
+        hidden: Any = None,
     ) -> None:
         super().__init__(diagnostics)
         self.diagnostics = diagnostics
         self.issues: list[Issue] = list(issues) if issues else [Issue(diagnostics, self.code)]
         self.headers = headers or {}
+        #: a stored row the caller was refused (answered like a missing one): audited, never
+        #: shown to the caller
+        self.hidden = hidden
 
     def outcome(self) -> dict[str, Any]:
         return operation_outcome(self.issues)

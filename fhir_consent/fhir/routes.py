@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from fhir_consent.audit import AuditSink
 from fhir_consent.auth import (
     AccessContext,
     Authenticator,
@@ -75,6 +76,16 @@ class Gate:
     decision: ScopeDecision
     rtype: str
     now: int
+    interaction: str = "read"  # the R4 restful-interaction code, for the audit trail
+
+
+_AUDIT_NAMES = {
+    Interaction.READ: "read",
+    Interaction.SEARCH: "search-type",
+    Interaction.CREATE: "create",
+    Interaction.UPDATE: "update",
+    Interaction.DELETE: "delete",
+}
 
 
 @dataclass(slots=True)
@@ -92,6 +103,11 @@ class FHIRContext:
     authenticate: Authenticator = field(default_factory=open_authenticator)
     token_check: TokenCheck | None = None
     consent: ConsentEnforcer | None = None
+    audit: AuditSink | None = None
+
+    def audited(self, gate: Gate) -> AuditSink | None:
+        """The audit sink when this request is audited (every authenticated request)."""
+        return None if gate.access.is_open else self.audit
 
     def base(self, request: Request) -> str:
         if self.settings.public_base_url:
@@ -183,14 +199,38 @@ def build_router() -> APIRouter:
                     ctx.token_check(conn, gate.access)  # revoked tokens fail on their next call
                 return fn(conn, ctx.visibility(conn, gate))
 
-        return await run_in_threadpool(run)
+        try:
+            return await run_in_threadpool(run)
+        except FHIRError as exc:
+            sink = ctx.audited(gate)
+            if sink is not None and exc.hidden is not None:
+                # a refused attempt on an existing record: the patient sees it in their log
+                sink.record_access(
+                    gate.interaction,
+                    gate.access,
+                    [exc.hidden],
+                    gate.now,
+                    permitted=False,
+                    reason="not permitted",
+                )
+            raise
 
     async def gate_for(
         request: Request, ctx: FHIRContext, rtype: str, interaction: Interaction
     ) -> Gate:
         access = await ctx.authenticate(request)
         current_access.set(access)
-        return Gate(access, require(access, rtype, interaction), rtype, ctx.clock())
+        now = ctx.clock()
+        try:
+            decision = require(access, rtype, interaction)
+        except FHIRError:
+            sink = None if access.is_open else ctx.audit
+            if sink is not None:
+                sink.record_access(
+                    interaction.value, access, [], now, permitted=False, reason="scope", query=rtype
+                )
+            raise
+        return Gate(access, decision, rtype, now, _AUDIT_NAMES.get(interaction, interaction.value))
 
     @router.get("/metadata")
     async def metadata(request: Request, ctx: Ctx) -> Response:
@@ -237,11 +277,17 @@ def build_router() -> APIRouter:
         )
         base = ctx.base(request)
 
+        sink = ctx.audited(gate)
+        seen: list[CurrentRow] | None = [] if sink is not None else None
+
         def run(conn: Connection, vis: Visibility) -> bytes:
             restrict = search_restrictions(gate.access, rtype, gate.now, vis.consent)
-            return execute_search(conn, parsed, base, restrict)
+            return execute_search(conn, parsed, base, restrict, seen)
 
         body = await in_db(ctx, gate, run)
+        if sink is not None and seen is not None:
+            names = "&".join(sorted({k for k, _ in parsed.applied}))
+            sink.record_access("search-type", gate.access, seen, gate.now, query=f"{rtype}?{names}")
         return fhir_response(body)
 
     @router.get("/{rtype}")
@@ -269,7 +315,9 @@ def build_router() -> APIRouter:
         criteria = parse_qsl(ine.lstrip("?"), keep_blank_values=True) if ine is not None else None
 
         def run(conn: Connection, vis: Visibility) -> WriteResult:
-            return ctx.service(conn, vis).create(rtype, resource, if_none_exist=criteria)
+            result = ctx.service(conn, vis).create(rtype, resource, if_none_exist=criteria)
+            _audit_write(ctx, conn, gate, "create" if result.created else "read", result.row)
+            return result
 
         result = await in_db(ctx, gate, run, write=True)
         return _written(request, ctx, result)
@@ -288,12 +336,16 @@ def build_router() -> APIRouter:
         gate = await gate_for(request, ctx, "Patient", Interaction.READ)
         base = ctx.base(request)
 
+        seen: list[CurrentRow] = []
+
         def run(conn: Connection, vis: Visibility) -> bytes:
             patient = ctx.service(conn, vis).read("Patient", rid)
             restrict = search_restrictions(gate.access, "Patient", gate.now, vis.consent)
-            return everything(conn, patient, base, restrict)
+            return everything(conn, patient, base, restrict, seen)
 
-        return fhir_response(await in_db(ctx, gate, run))
+        body = await in_db(ctx, gate, run)
+        _audit_read(ctx, gate, "operation", seen)
+        return fhir_response(body)
 
     @router.get("/{rtype}/{rid}")
     async def read(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
@@ -301,6 +353,7 @@ def build_router() -> APIRouter:
         _check_type(rtype)
         gate = await gate_for(request, ctx, rtype, Interaction.READ)
         row = await in_db(ctx, gate, lambda conn, vis: ctx.service(conn, vis).read(rtype, rid))
+        _audit_read(ctx, gate, "read", [row])
         return fhir_response(row.content, 200, _read_headers(row))
 
     @router.put("/{rtype}/{rid}")
@@ -312,7 +365,9 @@ def build_router() -> APIRouter:
         if_match = parse_if_match(request.headers.get("if-match"))
 
         def run(conn: Connection, vis: Visibility) -> WriteResult:
-            return ctx.service(conn, vis).update(rtype, rid, resource, if_match=if_match)
+            result = ctx.service(conn, vis).update(rtype, rid, resource, if_match=if_match)
+            _audit_write(ctx, conn, gate, "create" if result.created else "update", result.row)
+            return result
 
         return _written(request, ctx, await in_db(ctx, gate, run, write=True))
 
@@ -330,7 +385,9 @@ def build_router() -> APIRouter:
         if_match = parse_if_match(request.headers.get("if-match"))
 
         def run(conn: Connection, vis: Visibility) -> WriteResult:
-            return ctx.service(conn, vis).patch(rtype, rid, ops, if_match=if_match)
+            result = ctx.service(conn, vis).patch(rtype, rid, ops, if_match=if_match)
+            _audit_write(ctx, conn, gate, "patch", result.row)
+            return result
 
         return _written(request, ctx, await in_db(ctx, gate, run, write=True))
 
@@ -338,9 +395,14 @@ def build_router() -> APIRouter:
     async def delete(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
         _check_type(rtype)
         gate = await gate_for(request, ctx, rtype, Interaction.DELETE)
-        row = await in_db(
-            ctx, gate, lambda conn, vis: ctx.service(conn, vis).delete(rtype, rid), write=True
-        )
+
+        def run_delete(conn: Connection, vis: Visibility) -> CurrentRow | None:
+            row = ctx.service(conn, vis).delete(rtype, rid)
+            if row is not None:
+                _audit_write(ctx, conn, gate, "delete", row)
+            return row
+
+        row = await in_db(ctx, gate, run_delete, write=True)
         headers = {"ETag": etag(row.version_id)} if row is not None else {}
         return Response(status_code=204, headers=headers)
 
@@ -361,6 +423,7 @@ def build_router() -> APIRouter:
         row = await in_db(
             ctx, gate, lambda conn, vis: ctx.service(conn, vis).vread(rtype, rid, vid)
         )
+        _audit_read(ctx, gate, "vread", [row])
         return fhir_response(row.content, 200, _read_headers(row))
 
     async def _history(request: Request, ctx: Ctx, gate: Gate, rid: str | None) -> Response:
@@ -395,13 +458,33 @@ def build_router() -> APIRouter:
                 rtype, rid, since=since, before_seq=before, limit=count + 1, restrict=restrict
             )
             total = repo.count_history(rtype, rid, since, restrict)
+            history_rows.extend(rows[:count])
             return _history_bundle(
                 base, rtype, rid, rows, count, total, since_raw=q.get("_since"), cursor=before
             )
 
-        return fhir_response(await in_db(ctx, gate, run))
+        history_rows: list[VersionRow] = []
+        body = await in_db(ctx, gate, run)
+        _audit_read(ctx, gate, "history-instance" if rid else "history-type", history_rows)
+        return fhir_response(body)
 
     return router
+
+
+def _audit_read(
+    ctx: FHIRContext, gate: Gate, interaction: str, rows: list[CurrentRow] | list[VersionRow]
+) -> None:
+    sink = ctx.audited(gate)
+    if sink is not None:
+        sink.record_access(interaction, gate.access, rows, gate.now)
+
+
+def _audit_write(
+    ctx: FHIRContext, conn: Connection, gate: Gate, interaction: str, row: CurrentRow
+) -> None:
+    sink = ctx.audited(gate)
+    if sink is not None and row.res_type != "AuditEvent":
+        sink.record_change(conn, interaction, gate.access, row, gate.now)
 
 
 class FHIRNotFoundId(FHIRError):

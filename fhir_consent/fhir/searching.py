@@ -63,8 +63,10 @@ def execute_search(
     parsed: ParsedSearch,
     base: str,
     restrict_for: Callable[[str], Restrict | None] = lambda _t: None,
+    seen: list[CurrentRow] | None = None,
 ) -> bytes:
     """Run the search and build the searchset Bundle (R4 search.html §3.1.1, bundle.html).
+    Every returned row is appended to ``seen`` when given (for the audit trail).
 
     ``restrict_for(resource_type)`` supplies the SQL visibility predicate for matches and
     for every included type, so filtering happens before paging and counting."""
@@ -97,6 +99,9 @@ def execute_search(
     entries = [_entry(base, r, "match", parsed.summary, parsed.elements) for r in page.rows]
     included = _includes(conn, page.rows, parsed, restrict_for)
     entries += [_entry(base, r, "include", None, None) for r in included]
+    if seen is not None:
+        seen += page.rows
+        seen += included
     return raw_bundle(head, entries)
 
 
@@ -210,6 +215,7 @@ def everything(
     patient: CurrentRow,
     base: str,
     restrict_for: Callable[[str], Restrict | None],
+    seen: list[CurrentRow] | None = None,
 ) -> bytes:
     """``Patient/{id}/$everything`` (R4 patient-operation-everything): the patient and every
     resource in their compartment that the caller may see, as a searchset Bundle. Each type's
@@ -235,6 +241,8 @@ def everything(
             where.append(restrict(resources))
         stmt = sa.select(*resources.c).where(*where).order_by(resources.c.pk)
         rows += [CurrentRow(*row) for row in conn.execute(stmt.limit(_EVERYTHING_LIMIT))]
+    if seen is not None:
+        seen += rows
     head: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",

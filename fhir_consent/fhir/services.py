@@ -42,6 +42,7 @@ __all__ = [
     "WriteEvent",
     "WriteListener",
     "WriteResult",
+    "finalize",
     "format_instant",
     "system_clock",
 ]
@@ -157,8 +158,10 @@ class ResourceService:
         _check_type(res_type)
         _check_id(res_id)
         row = self.repo.current(res_type, res_id, for_update=for_update)
-        if row is None or not self._visible(row):
+        if row is None:
             raise NotFound(f"{res_type}/{res_id} is not known")
+        if not self._visible(row):
+            raise NotFound(f"{res_type}/{res_id} is not known", hidden=row)
         if row.deleted:
             raise Gone(f"{res_type}/{res_id} has been deleted", headers=_etag_headers(row))
         return row
@@ -170,8 +173,10 @@ class ResourceService:
         if not version.isdigit():
             raise NotFound(f"Version '{version[:16]}' of {res_type}/{res_id} is not known")
         current = self.repo.current(res_type, res_id)
-        if current is None or not self._visible(current):
+        if current is None:
             raise NotFound(f"{res_type}/{res_id} is not known")
+        if not self._visible(current):
+            raise NotFound(f"{res_type}/{res_id} is not known", hidden=current)
         row = self.repo.version(res_type, res_id, int(version))
         if row is None:
             raise NotFound(f"Version {version} of {res_type}/{res_id} is not known")
@@ -202,7 +207,7 @@ class ResourceService:
         new_id = res_id or str(uuid.uuid4())
         resource = self._prewrite(res_type, resource, None)
         now = self.clock()
-        content, parsed = _finalize(resource, new_id, 1, now)
+        content, parsed = finalize(resource, new_id, 1, now)
         try:
             with self.conn.begin_nested():
                 row = self.repo.insert(
@@ -234,7 +239,7 @@ class ResourceService:
         validate_resource(resource, res_type)
         current = self.repo.current(res_type, res_id, for_update=True)
         if current is not None and not self._visible(current):
-            raise NotFound(f"{res_type}/{res_id} is not known")
+            raise NotFound(f"{res_type}/{res_id} is not known", hidden=current)
         if if_match is not None and (current is None or current.version_id != if_match):
             raise PreconditionFailed(
                 "If-Match does not match the current version",
@@ -243,7 +248,7 @@ class ResourceService:
         resource = self._prewrite(res_type, resource, current)
         if current is None:
             now = self.clock()
-            content, parsed = _finalize(resource, res_id, 1, now)
+            content, parsed = finalize(resource, res_id, 1, now)
             try:
                 with self.conn.begin_nested():
                     row = self.repo.insert(
@@ -292,7 +297,7 @@ class ResourceService:
         _check_id(res_id)
         current = self.repo.current(res_type, res_id, for_update=True)
         if current is not None and not self._visible(current):
-            raise NotFound(f"{res_type}/{res_id} is not known")
+            raise NotFound(f"{res_type}/{res_id} is not known", hidden=current)
         if current is None or current.deleted:
             return current
         now = max(self.clock(), current.last_updated + 1)
@@ -310,7 +315,7 @@ class ResourceService:
     ) -> WriteResult:
         now = max(self.clock(), current.last_updated + 1)
         vid = current.version_id + 1
-        content, parsed = _finalize(resource, current.res_id, vid, now)
+        content, parsed = finalize(resource, current.res_id, vid, now)
         try:
             row = self.repo.write_version(
                 current,
@@ -343,7 +348,7 @@ class ResourceService:
             listener(self.conn, event)
 
 
-def _finalize(
+def finalize(
     resource: Mapping[str, Any], res_id: str, version_id: int, now: int
 ) -> tuple[bytes, dict[str, Any]]:
     """Set the server-owned elements (id, meta.versionId, meta.lastUpdated) and serialize

@@ -233,3 +233,68 @@ def test_patient_everything(world: dict[str, Any]) -> None:
     assert match_ids(b) == {world["p1"], world["d1"], world["d1b"]}  # no Consent scope
     assert c.get(f"/fhir/Patient/{world['p2']}/$everything").status_code == 404
     assert c.get("/fhir/Patient/nobody/$everything").status_code == 404
+
+
+@pytest.fixture
+def audited(caller_client: tuple[TestClient, Caller]) -> Iterator[tuple[TestClient, Caller, Any]]:
+    from fhir_consent.audit import AuditSink
+
+    c, caller = caller_client
+    ctx = c.app.state.fhir  # type: ignore[attr-defined]
+    sink = AuditSink(ctx.db, flush_interval=0.02)
+    ctx.audit = sink
+    sink.start()
+    yield c, caller, sink
+    sink.stop()
+
+
+def audit_events(c: TestClient, caller: Caller, query: str) -> list[dict[str, Any]]:
+    caller.open()
+    return [
+        e["resource"] for e in c.get(f"/fhir/AuditEvent?{query}&_count=200").json().get("entry", [])
+    ]
+
+
+def test_every_access_decision_is_audited(audited: tuple[TestClient, Caller, Any]) -> None:
+    c, caller, sink = audited
+    caller.open()  # open (development) access is not audited
+    p1 = post(c, {"resourceType": "Patient"})
+    p2 = post(c, {"resourceType": "Patient"})
+    d1 = post(c, doc(p1))
+    d2 = post(c, doc(p2))
+    assert sink.flush()
+    assert audit_events(c, caller, "_count=1") == []
+
+    caller.user("user/DocumentReference.crs")
+    assert c.get(f"/fhir/DocumentReference/{d1}").status_code == 200
+    assert c.get("/fhir/DocumentReference?status=current").status_code == 200
+    created = post(c, doc(p1))
+    assert c.get(f"/fhir/Patient/{p1}").status_code == 403  # no Patient scope
+    caller.patient(p1)
+    assert c.get(f"/fhir/DocumentReference/{d2}").status_code == 404  # hidden: refused
+    assert sink.flush()
+
+    # AuditEvent?patient= matches entity.what and agent.who (R4): p1's log holds the accesses
+    # to p1's records and p1's own refused attempt on someone else's record
+    mine = audit_events(c, caller, f"patient=Patient/{p1}")
+    subtypes = sorted(e["subtype"][0]["code"] for e in mine)
+    assert subtypes == ["create", "read", "read", "search-type"]
+    read = next(e for e in mine if e["subtype"][0]["code"] == "read" and e["outcome"] == "0")
+    assert read["outcome"] == "0" and read["action"] == "R"
+    assert read["agent"][0]["who"]["reference"] == "Practitioner/x"
+    assert {x["what"]["reference"] for x in read["entity"]} == {
+        f"Patient/{p1}",
+        f"DocumentReference/{d1}",
+    }
+    write = next(e for e in mine if e["subtype"][0]["code"] == "create")
+    assert any(
+        x["what"]["reference"].startswith(f"DocumentReference/{created}/_history/1")
+        for x in write["entity"]
+    )
+    search = next(e for e in mine if e["subtype"][0]["code"] == "search-type")
+    assert any(x.get("description") == "DocumentReference?status" for x in search["entity"])
+    theirs = audit_events(c, caller, f"patient=Patient/{p2}")
+    refused = [e for e in theirs if e["outcome"] == "4"]
+    assert len(refused) == 1 and refused[0]["agent"][0]["who"]["reference"] == f"Patient/{p1}"
+    scope_denials = audit_events(c, caller, "outcome=4")
+    assert any("scope" in e.get("outcomeDesc", "") for e in scope_denials)
