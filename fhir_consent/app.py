@@ -1,22 +1,39 @@
 """The ASGI application factory: ``create_app(settings)`` wires routes, storage and handlers.
 
 Nothing happens at import time; the database engine is created here and disposed on shutdown.
+
+SMART App Launch 2.2 (:mod:`smart_on_fhir`) is wired here: the authorization server's routes
+at ``settings.smart_auth_path``, discovery at ``{fhir base}/.well-known/smart-configuration``
+and ``/.well-known/openid-configuration`` (also under the FHIR base, which is the issuer),
+the ``oauth-uris`` security extension in the CapabilityStatement, bearer-token
+authentication and the per-request revocation check on every FHIR interaction (unless
+``open_access``, for local development only), and CORS as SMART requires.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
+from fhir_consent.auth import (
+    fhir_user_exists,
+    patient_picker,
+    smart_authenticator,
+    smart_token_check,
+)
 from fhir_consent.config import Settings, get_settings
 from fhir_consent.errors import FHIRError, Issue, operation_outcome
 from fhir_consent.fhir.http import fhir_response
@@ -25,8 +42,14 @@ from fhir_consent.fhir.services import Clock, system_clock
 from fhir_consent.limits import BodyLimit
 from fhir_consent.store.db import Database
 from fhir_consent.store.migrate import upgrade
+from smart_on_fhir.clients import client_origins
+from smart_on_fhir.cors import SmartCORS
+from smart_on_fhir.keys import KeySet, load_or_create
+from smart_on_fhir.routes import SmartAuth
+from smart_on_fhir.routes import build_router as build_auth_router
+from smart_on_fhir.server import AuthSettings, Urls
 
-__all__ = ["create_app"]
+__all__ = ["SmartKeys", "create_app", "fhir_user_exists", "smart_auth_settings"]
 
 log = logging.getLogger("fhir_consent")
 
@@ -36,6 +59,121 @@ def _version() -> str:
         return version("fhir-consent")
     except PackageNotFoundError:  # running from a source tree
         return "0.0.0+source"
+
+
+class SmartKeys:
+    """The signing keys, loaded on first use and re-read when ``keyset.json`` changes
+    (so ``fhir-consent keys rotate --smart`` reaches running workers within a minute).
+
+    From ``settings.smart_jwks`` when set, else from ``settings.smart_keys_dir`` (created
+    with fresh keys when missing, safely across workers).
+    """
+
+    def __init__(self, settings: Settings, recheck: float = 60.0) -> None:
+        self._settings = settings
+        self._recheck = recheck
+        self._keys: KeySet | None = None
+        self._stamp: float | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def _manifest_mtime(self) -> float | None:
+        try:
+            return (Path(self._settings.smart_keys_dir) / "keyset.json").stat().st_mtime
+        except OSError:
+            return None
+
+    def __call__(self) -> KeySet:
+        keys = self._keys
+        now = time.monotonic()
+        if keys is not None and (self._settings.smart_jwks or now - self._checked < self._recheck):
+            return keys
+        with self._lock:
+            if self._settings.smart_jwks is not None:
+                if self._keys is None:
+                    self._keys = KeySet.from_jwks(self._settings.smart_jwks.get_secret_value())
+                return self._keys
+            stamp = self._manifest_mtime()
+            if self._keys is None or stamp != self._stamp:
+                self._keys, created = load_or_create(self._settings.smart_keys_dir)
+                if created:
+                    log.warning(
+                        "generated new SMART signing keys in %s", self._settings.smart_keys_dir
+                    )
+                self._stamp = self._manifest_mtime()
+            self._checked = now
+            return self._keys
+
+
+def smart_auth_settings(settings: Settings) -> AuthSettings:
+    """The authorization server's policies from the application settings."""
+    token = settings.registration_token
+    return AuthSettings(
+        access_token_lifetime=settings.access_token_lifetime,
+        backend_token_lifetime=settings.backend_token_lifetime,
+        refresh_token_lifetime=settings.refresh_token_lifetime,
+        online_refresh_token_lifetime=settings.online_refresh_token_lifetime,
+        authorization_code_lifetime=settings.authorization_code_lifetime,
+        login_max_failures=settings.login_max_failures,
+        login_window=settings.login_window,
+        insecure_transport=settings.smart_insecure_transport,
+        dynamic_registration=settings.dynamic_registration,
+        registration_token=token.get_secret_value() if token is not None else None,
+    )
+
+
+def _install_smart(app: FastAPI, ctx: FHIRContext, settings: Settings) -> SmartAuth:
+    """Mount the authorization server and put it in front of the FHIR API."""
+
+    def urls_from_base(base: str) -> Urls:
+        return Urls.derive(
+            base,
+            fhir_path=settings.fhir_path,
+            auth_path=settings.smart_auth_path,
+            public_auth_url=settings.smart_public_auth_url,
+            issuer=settings.smart_issuer,
+        )
+
+    def urls_for(request: Request) -> Urls:
+        return urls_from_base(ctx.base(request))
+
+    auth = SmartAuth(
+        transaction=ctx.db.write,
+        keys=SmartKeys(settings),
+        urls_for=urls_for,
+        patient_picker=patient_picker,
+        settings=smart_auth_settings(settings),
+    )
+    app.state.smart = auth
+    app.include_router(build_auth_router(auth), prefix=settings.smart_auth_path.rstrip("/"))
+
+    discovery = APIRouter()
+
+    async def smart_configuration(request: Request) -> Response:
+        """SMART App Launch 2.2 conformance.md: always JSON, whatever Accept says."""
+        return JSONResponse(auth.smart_configuration(urls_for(request)))
+
+    async def openid_configuration(request: Request) -> Response:
+        return JSONResponse(auth.openid_configuration(urls_for(request)))
+
+    fhir = settings.fhir_path.rstrip("/")
+    for prefix in dict.fromkeys((fhir, "")):
+        discovery.add_api_route(f"{prefix}/.well-known/smart-configuration", smart_configuration)
+        discovery.add_api_route(f"{prefix}/.well-known/openid-configuration", openid_configuration)
+    app.include_router(discovery)
+
+    def security(statement: dict[str, Any]) -> None:
+        base = statement.get("implementation", {}).get("url", "")
+        for rest in statement.get("rest", []):
+            rest["security"] = auth.capability_security(urls_from_base(base))
+
+    ctx.capability_extenders.append(security)
+    if settings.open_access:
+        log.warning("FHIR API is open: no access token needed (open_access, development only)")
+    else:
+        ctx.authenticate = smart_authenticator(auth.protector, urls_for, time.time)
+        ctx.token_check = smart_token_check(auth.protector.realm)
+    return auth
 
 
 def create_app(settings: Settings | None = None, *, clock: Clock = system_clock) -> FastAPI:
@@ -64,9 +202,22 @@ def create_app(settings: Settings | None = None, *, clock: Clock = system_clock)
         lifespan=lifespan,
     )
     app.state.fhir = ctx
+    _install_smart(app, ctx, settings)  # before the FHIR routes: .well-known paths
     app.include_router(build_router(), prefix=settings.fhir_path)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    def load_origins() -> frozenset[str]:
+        with db.read() as conn:
+            return client_origins(conn)
+
+    app.add_middleware(
+        SmartCORS,
+        fhir_path=settings.fhir_path,
+        auth_path=settings.smart_auth_path,
+        extra_origins=frozenset(o.rstrip("/").lower() for o in settings.cors_origins),
+        load_origins=load_origins,
+    )
     return app
 
 

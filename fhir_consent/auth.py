@@ -4,28 +4,50 @@ The FHIR routes call ``ctx.authenticate(request)`` first (401 on a missing or ba
 :func:`require` for the interaction (403 when no scope allows it), and check that the token is
 still active inside the request's own database transaction (revocation takes effect on the
 next call). The SMART authorization server in :mod:`smart_on_fhir` issues the tokens; this
-module adapts its verifier to the FHIR layer. Open access (no token needed) exists for local
-development only and is off by default.
+module adapts its verifier to the FHIR layer:
+
+* :func:`smart_authenticator` verifies the bearer token (RFC 6750, RFC 9068 §4: signature,
+  ``iss``, ``aud`` = this FHIR base, times) and maps its claims to an :class:`AccessContext`;
+  failures are 401 with ``WWW-Authenticate: Bearer`` (plus ``error="invalid_token"`` for a
+  bad token, RFC 6750 §3.1).
+* :func:`smart_token_check` is the per-request revocation check: one indexed query.
+* :func:`patient_picker` and :func:`fhir_user_exists` are the FHIR-store callbacks the
+  authorization server needs (``smart_on_fhir`` never imports this package).
+
+Open access (no token needed) exists for local development only and is off by default.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import orjson
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from starlette.requests import Request
 
-from fhir_consent.errors import Forbidden
+from fhir_consent.errors import Forbidden, Unauthorized
+from fhir_consent.store.repository import Repository
+from fhir_consent.store.tables import resources
+from smart_on_fhir.protect import AuthenticationRequired, SmartResourceProtector, token_state
+from smart_on_fhir.protect import www_authenticate as _challenge
 from smart_on_fhir.scopes import Context, Interaction, ScopeDecision, ScopeSet
+from smart_on_fhir.server import Urls
+from smart_on_fhir.users import User
 
 __all__ = [
     "OPEN_ACCESS",
     "AccessContext",
     "Authenticator",
     "TokenCheck",
+    "fhir_user_exists",
     "open_authenticator",
+    "patient_picker",
     "require",
+    "smart_authenticator",
+    "smart_token_check",
 ]
 
 
@@ -80,3 +102,161 @@ def require(access: AccessContext, resource_type: str, interaction: Interaction)
             f"The access token's scopes do not allow {interaction.value} on {resource_type}"
         )
     return decision
+
+
+# -- SMART bearer tokens ------------------------------------------------------------------
+
+_REASON_TEXT = {
+    None: "An access token is required (Authorization: Bearer)",
+    "expired": "The access token has expired",
+    "wrong_audience": "The access token was not issued for this server",
+    "wrong_issuer": "The access token was not issued by this server",
+    "revoked": "The access token was revoked or its user deactivated",
+}
+
+
+def _unauthorized(realm: str, error: str | None, reason: str | None) -> Unauthorized:
+    text = _REASON_TEXT.get(reason, "The access token is not valid")
+    return Unauthorized(text, headers={"WWW-Authenticate": _challenge(realm, error, reason)})
+
+
+def _relative(fhir_user: str | None, base: str) -> str | None:
+    if fhir_user is None:
+        return None
+    prefix = base.rstrip("/") + "/"
+    return fhir_user[len(prefix) :] if fhir_user.startswith(prefix) else fhir_user
+
+
+def smart_authenticator(
+    protector: SmartResourceProtector,
+    urls_for: Callable[[Request], Urls],
+    clock: Callable[[], float],
+) -> Authenticator:
+    """An :data:`Authenticator` for SMART access tokens (RFC 6750 §2.1 header).
+
+    Maps the RFC 9068 claims: ``scope`` → :attr:`AccessContext.scopes`, ``patient`` (launch
+    context), ``fhirUser`` (made relative to this base), ``client_id``, ``sub``, ``jti`` and
+    the ``organization`` a clinic system's client is bound to.
+    """
+
+    async def authenticate(request: Request) -> AccessContext:
+        urls = urls_for(request)
+        try:
+            claims = protector.authenticate(
+                request.headers, audience=urls.fhir_base, issuer=urls.issuer, now=clock()
+            )
+        except AuthenticationRequired as error:
+            raise _unauthorized(protector.realm, error.error, error.reason) from None
+        organization = claims.extra.get("organization")
+        return AccessContext(
+            scopes=claims.scopes,
+            subject=claims.subject,
+            client_id=claims.client_id,
+            patient=claims.patient,
+            fhir_user=_relative(claims.fhir_user, urls.fhir_base),
+            client_organization=organization if isinstance(organization, str) else None,
+            jti=claims.jti,
+        )
+
+    return authenticate
+
+
+def smart_token_check(realm: str = "fhir") -> TokenCheck:
+    """A :data:`TokenCheck`: the token's row must exist, be unrevoked, and its user and
+    client still active (one primary-key query, :func:`smart_on_fhir.protect.token_state`)."""
+
+    def check(conn: Connection, access: AccessContext) -> None:
+        state = token_state(conn, access.jti) if access.jti else None
+        if state is None or not state.usable:
+            raise _unauthorized(realm, "invalid_token", "revoked")
+
+    return check
+
+
+# -- callbacks for the authorization server ---------------------------------------------------
+
+_PICKER_SCAN = 500
+_PICKER_MAX = 50
+
+
+def _content(row: Any) -> dict[str, Any]:
+    if row is None or row.deleted or row.content is None:
+        return {}
+    data: dict[str, Any] = orjson.loads(row.content)
+    return data
+
+
+def _display(patient: dict[str, Any], pid: str) -> str:
+    for name in patient.get("name") or []:
+        if not isinstance(name, dict):
+            continue
+        if name.get("text"):
+            return str(name["text"])
+        given = " ".join(str(g) for g in name.get("given") or [])
+        text = f"{given} {name.get('family') or ''}".strip()
+        if text:
+            return text
+    return f"Patient {pid}"
+
+
+def _linked_patients(data: dict[str, Any], paths: tuple[str, ...]) -> list[str]:
+    found: list[str] = []
+    for path in paths:
+        value: Any = data
+        for part in path.split("."):
+            if isinstance(value, list):
+                value = [v.get(part) for v in value if isinstance(v, dict)]
+            elif isinstance(value, dict):
+                value = value.get(part)
+        for ref in value if isinstance(value, list) else [value]:
+            if isinstance(ref, str) and ref.startswith("Patient/"):
+                found.append(ref.split("/", 1)[1])
+    return found
+
+
+def patient_picker(conn: Connection, user: User, query: str) -> list[tuple[str, str]]:
+    """The patients *user* may open in an app (SMART ``launch/patient``).
+
+    A Patient user: their own record. A RelatedPerson: the patient they relate to. A Person:
+    its linked Patient records. Practitioners: any patient, filtered by name (the consent
+    engine then decides what they may read).
+    """
+    repo = Repository(conn)
+    kind, _, rid = (user.fhir_user or "/").partition("/")
+    ids: list[str]
+    if kind == "Patient":
+        ids = [rid]
+    elif kind == "RelatedPerson":
+        ids = _linked_patients(_content(repo.current(kind, rid)), ("patient.reference",))
+    elif kind == "Person":
+        ids = _linked_patients(_content(repo.current(kind, rid)), ("link.target.reference",))
+    elif kind in ("Practitioner", "PractitionerRole"):
+        rows = conn.execute(
+            sa.select(resources.c.res_id)
+            .where(resources.c.res_type == "Patient", resources.c.deleted.is_(False))
+            .order_by(resources.c.last_updated.desc())
+            .limit(_PICKER_SCAN)
+        )
+        ids = [r[0] for r in rows]
+    else:
+        ids = []
+    needle = query.strip().casefold()
+    out: list[tuple[str, str]] = []
+    for pid in dict.fromkeys(ids):
+        data = _content(repo.current("Patient", pid))
+        if not data:
+            continue
+        text = _display(data, pid)
+        if needle and needle not in text.casefold():
+            continue
+        out.append((pid, text))
+        if len(out) >= _PICKER_MAX:
+            break
+    return out
+
+
+def fhir_user_exists(conn: Connection, reference: str) -> bool:
+    """Whether ``Type/id`` names a stored, undeleted resource."""
+    kind, _, rid = reference.partition("/")
+    row = Repository(conn).current(kind, rid)
+    return row is not None and not row.deleted

@@ -1,14 +1,298 @@
-"""The ``fhir-consent`` command: ``serve`` and ``migrate`` (later: keys, users, clients, ledger,
-demo)."""
+"""The ``fhir-consent`` command.
+
+* ``serve`` and ``migrate``;
+* ``keys init [--smart] [--dir DIR] [--force]`` and ``keys rotate --smart [--alg RS256]``:
+  the SMART signing keys (``keys init`` with no kind flag initializes every kind of key);
+* ``users add USERNAME --fhir-user Patient/123 [--password-stdin]``, ``users deactivate``,
+  ``users activate``: login accounts (argon2 password hashes);
+* ``clients add --name … --type public|confidential-symmetric|confidential-asymmetric …``,
+  ``clients disable``: SMART apps and backend systems; prints the client id (and a generated
+  secret, once) as JSON;
+* ``launch create --patient ID [--client CLIENT_ID]``: an EHR launch context; prints the
+  ``launch`` value as JSON.
+
+Admin commands bring the database schema up to date first (idempotent).
+"""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
 import os
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))  # noqa: T201
+
+
+def _fail(message: str) -> int:
+    print(f"fhir-consent: {message}", file=sys.stderr)  # noqa: T201
+    return 2
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from fhir_consent.config import Settings
+
+    url = getattr(args, "database_url", None)
+    return Settings(database_url=url) if url else Settings()
+
+
+def _database(args: argparse.Namespace) -> Any:
+    from fhir_consent.store.db import Database
+    from fhir_consent.store.migrate import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.database_url)
+    return Database(settings.database_url, pool_size=1)
+
+
+def _keys_init(args: argparse.Namespace) -> int:
+    from smart_on_fhir.cli import init_keys
+    from smart_on_fhir.errors import KeyStoreError
+
+    kinds = [kind for kind in ("smart",) if getattr(args, kind)] or ["smart"]
+    for kind in kinds:
+        directory = args.dir or _settings(args).smart_keys_dir
+        try:
+            keyset = init_keys(directory, force=args.force)
+        except KeyStoreError as error:
+            return _fail(str(error))
+        _print_json({"kind": kind, "directory": str(directory), "kids": list(keyset.kids)})
+    return 0
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    from smart_on_fhir.cli import rotate_keys
+    from smart_on_fhir.errors import KeyStoreError
+
+    if not args.smart:
+        return _fail("say which keys to rotate (--smart)")
+    directory = args.dir or _settings(args).smart_keys_dir
+    try:
+        keyset = rotate_keys(directory, args.alg)
+    except KeyStoreError as error:
+        return _fail(str(error))
+    _print_json({"kind": "smart", "directory": str(directory), "kids": list(keyset.kids)})
+    return 0
+
+
+def _read_password(args: argparse.Namespace) -> str | None:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    if not sys.stdin.isatty():
+        return None
+    first = getpass.getpass("Password: ")
+    return first if getpass.getpass("Again: ") == first else None
+
+
+def _users_add(args: argparse.Namespace) -> int:
+    from fhir_consent.auth import fhir_user_exists
+    from smart_on_fhir.users import UserError, create_user
+
+    password = _read_password(args)
+    if password is None:
+        return _fail("give the password on stdin with --password-stdin, or type it twice")
+    db = _database(args)
+    try:
+        with db.write() as conn:
+            if (
+                args.fhir_user
+                and not args.allow_missing
+                and not fhir_user_exists(conn, args.fhir_user)
+            ):
+                return _fail(f"{args.fhir_user} does not exist (create it, or --allow-missing)")
+            user = create_user(
+                conn,
+                args.username,
+                password,
+                fhir_user=args.fhir_user,
+                display_name=args.display_name,
+                now=int(time.time()),
+            )
+    except UserError as error:
+        return _fail(str(error))
+    finally:
+        db.dispose()
+    _print_json({"id": user.id, "username": user.username, "fhirUser": user.fhir_user})
+    return 0
+
+
+def _users_set_active(args: argparse.Namespace) -> int:
+    from smart_on_fhir.users import set_user_active
+
+    db = _database(args)
+    try:
+        with db.write() as conn:
+            found = set_user_active(conn, args.username, args.active)
+    finally:
+        db.dispose()
+    if not found:
+        return _fail(f"no user {args.username}")
+    _print_json({"username": args.username, "active": args.active})
+    return 0
+
+
+def _clients_add(args: argparse.Namespace) -> int:
+    from smart_on_fhir.cli import client_summary, read_jwks_argument
+    from smart_on_fhir.clients import ClientError, create_client
+
+    try:
+        jwks = read_jwks_argument(args.jwks) if args.jwks else None
+    except ValueError as error:
+        return _fail(str(error))
+    db = _database(args)
+    try:
+        with db.write() as conn:
+            created = create_client(
+                conn,
+                client_name=args.name,
+                client_type=args.type,
+                redirect_uris=args.redirect_uri or [],
+                scope=args.scope,
+                now=int(time.time()),
+                grant_types=args.grant_type or None,
+                jwks=jwks,
+                jwks_uri=args.jwks_uri,
+                organization=args.organization,
+                launch_uri=args.launch_uri,
+                client_id=args.client_id,
+            )
+    except (ClientError, ValueError) as error:
+        return _fail(str(error))
+    finally:
+        db.dispose()
+    _print_json(client_summary(created))
+    return 0
+
+
+def _clients_disable(args: argparse.Namespace) -> int:
+    from smart_on_fhir.clients import set_client_active
+
+    db = _database(args)
+    try:
+        with db.write() as conn:
+            found = set_client_active(conn, args.client_id, False)
+    finally:
+        db.dispose()
+    if not found:
+        return _fail(f"no client {args.client_id}")
+    _print_json({"client_id": args.client_id, "active": False})
+    return 0
+
+
+def _launch_create(args: argparse.Namespace) -> int:
+    from smart_on_fhir.cli import launch_summary
+    from smart_on_fhir.clients import get_client
+    from smart_on_fhir.launches import LaunchError, create_launch
+    from smart_on_fhir.users import get_user_by_name
+
+    settings = _settings(args)
+    iss = args.iss or settings.public_base_url or f"http://{settings.host}:{settings.port}"
+    iss = iss.rstrip("/") if args.iss or settings.public_base_url else iss + settings.fhir_path
+    db = _database(args)
+    try:
+        with db.write() as conn:
+            client = get_client(conn, args.client) if args.client else None
+            if args.client and client is None:
+                return _fail(f"no active client {args.client}")
+            user = get_user_by_name(conn, args.user) if args.user else None
+            if args.user and user is None:
+                return _fail(f"no user {args.user}")
+            context = create_launch(
+                conn,
+                now=int(time.time()),
+                patient=args.patient,
+                encounter=args.encounter,
+                client_id=args.client,
+                user_id=user.id if user else None,
+                need_patient_banner=not args.no_banner,
+                lifetime=args.lifetime,
+            )
+    except LaunchError as error:
+        return _fail(str(error))
+    finally:
+        db.dispose()
+    _print_json(launch_summary(context, iss=iss, launch_uri=client.launch_uri if client else None))
+    return 0
+
+
+def _add_admin_commands(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys", required=True)
+    init = keys.add_parser("init", help="create keys (every kind unless a kind flag is given)")
+    init.add_argument("--smart", action="store_true", help="the SMART token signing keys")
+    init.add_argument("--dir", help="key directory (default: FHIR_CONSENT_SMART_KEYS_DIR)")
+    init.add_argument("--force", action="store_true", help="replace existing keys")
+    init.set_defaults(func=_keys_init)
+    rotate = keys.add_parser("rotate", help="new current key; old ones still verify")
+    rotate.add_argument("--smart", action="store_true")
+    rotate.add_argument("--alg", default="RS256", choices=["RS256", "ES384"])
+    rotate.add_argument("--dir")
+    rotate.set_defaults(func=_keys_rotate)
+
+    users = sub.add_parser("users", help="login accounts").add_subparsers(
+        dest="users", required=True
+    )
+    add = users.add_parser("add", help="create an account linked to a FHIR resource")
+    add.add_argument("username")
+    add.add_argument("--fhir-user", help="Patient/<id>, Practitioner/<id> or RelatedPerson/<id>")
+    add.add_argument("--display-name")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    add.add_argument("--allow-missing", action="store_true", help="fhirUser need not exist yet")
+    add.add_argument("--database-url")
+    add.set_defaults(func=_users_add)
+    for name, active in (("deactivate", False), ("activate", True)):
+        cmd = users.add_parser(name, help=f"{name} an account (tokens stop/start working)")
+        cmd.add_argument("username")
+        cmd.add_argument("--database-url")
+        cmd.set_defaults(func=_users_set_active, active=active)
+
+    clients = sub.add_parser("clients", help="SMART apps and backend systems")
+    csub = clients.add_subparsers(dest="clients", required=True)
+    cadd = csub.add_parser("add", help="register a client; prints its id (and secret) as JSON")
+    cadd.add_argument("--name", required=True)
+    cadd.add_argument(
+        "--type",
+        required=True,
+        choices=["public", "confidential-symmetric", "confidential-asymmetric"],
+    )
+    cadd.add_argument("--redirect-uri", action="append", help="repeatable")
+    cadd.add_argument("--scope", required=True, help='e.g. "launch/patient openid patient/*.rs"')
+    cadd.add_argument(
+        "--grant-type",
+        action="append",
+        choices=["authorization_code", "refresh_token", "client_credentials"],
+    )
+    cadd.add_argument("--jwks", help="public JWK Set: inline JSON or a file path")
+    cadd.add_argument("--jwks-uri", help="URL of the client's public JWK Set")
+    cadd.add_argument("--organization", help="Organization/<id> a clinic system acts for")
+    cadd.add_argument("--launch-uri", help="the app's EHR launch URL")
+    cadd.add_argument("--client-id", help="choose the client id (default: random)")
+    cadd.add_argument("--database-url")
+    cadd.set_defaults(func=_clients_add)
+    cdis = csub.add_parser("disable", help="disable a client; its tokens stop working")
+    cdis.add_argument("client_id")
+    cdis.add_argument("--database-url")
+    cdis.set_defaults(func=_clients_disable)
+
+    launch = sub.add_parser("launch", help="EHR launch contexts")
+    lsub = launch.add_subparsers(dest="launch", required=True)
+    create = lsub.add_parser("create", help="record what the EHR has open; prints the launch id")
+    create.add_argument("--patient")
+    create.add_argument("--encounter")
+    create.add_argument("--client", help="only this client may use the launch")
+    create.add_argument("--user", help="only this username may use the launch")
+    create.add_argument("--no-banner", action="store_true", help="need_patient_banner=false")
+    create.add_argument("--lifetime", type=int, default=3600, help="seconds (default 3600)")
+    create.add_argument("--iss", help="the FHIR base to send as iss (default: from settings)")
+    create.add_argument("--database-url")
+    create.set_defaults(func=_launch_create)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -23,6 +307,12 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["FHIR_CONSENT_DATABASE_URL"] = args.database_url
     upgrade(settings.database_url)  # once, before workers start
     os.environ["FHIR_CONSENT_AUTO_MIGRATE"] = "false"
+    if not settings.open_access and settings.smart_jwks is None:
+        from smart_on_fhir.keys import load_or_create
+
+        _keys, created = load_or_create(settings.smart_keys_dir)  # before workers start
+        if created:
+            print("created SMART signing keys in", settings.smart_keys_dir)  # noqa: T201
     uvicorn.run(
         "fhir_consent.main:app",
         host=args.host or settings.host,
@@ -60,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     migrate.add_argument("--database-url", help="overrides FHIR_CONSENT_DATABASE_URL")
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(func=_migrate)
+
+    _add_admin_commands(sub)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

@@ -1,4 +1,6 @@
-"""fhir-consent's SMART App Launch 2.2 authorization server: the pure foundations.
+"""fhir-consent's SMART App Launch 2.2 authorization server.
+
+Pure foundations (re-exported here):
 
 * :mod:`~smart_on_fhir.scopes`: the v1/v2 scope grammar, :class:`ScopeSet` decisions,
   narrowing and plain-language descriptions.
@@ -8,7 +10,22 @@
   security element.
 * :mod:`~smart_on_fhir.errors`: the one exception tree, rooted at :class:`SmartError`.
 
-This package never imports ``fhir_consent``.
+The server (import the modules directly; they pull in authlib, SQLAlchemy and Starlette):
+
+* :mod:`~smart_on_fhir.tables`: its own ``MetaData`` (users, clients, codes, tokens …).
+* :mod:`~smart_on_fhir.users`, :mod:`~smart_on_fhir.clients`,
+  :mod:`~smart_on_fhir.launches`: the services behind the admin CLI.
+* :mod:`~smart_on_fhir.server`, :mod:`~smart_on_fhir.grants`,
+  :mod:`~smart_on_fhir.client_auth`, :mod:`~smart_on_fhir.endpoints`,
+  :mod:`~smart_on_fhir.records`: authlib's ``AuthorizationServer`` with SMART grants
+  (RFC 6749, 7636, 7523, 7662, 7009, 7591, 9068).
+* :mod:`~smart_on_fhir.requests`, :mod:`~smart_on_fhir.routes`,
+  :mod:`~smart_on_fhir.login`, :mod:`~smart_on_fhir.manage`,
+  :mod:`~smart_on_fhir.cors`: the Starlette adapter, the endpoints and the pages.
+* :mod:`~smart_on_fhir.protect`: the resource server's bearer-token check.
+
+This package never imports ``fhir_consent``: the host injects its database transactions,
+URLs and FHIR-store callbacks (:class:`~smart_on_fhir.routes.SmartAuth`).
 """
 
 from .discovery import (

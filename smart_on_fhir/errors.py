@@ -6,7 +6,14 @@
     ├── ScopeError (ValueError)     a scope string outside the SMART 2.2 grammar
     ├── KeyStoreError               keys could not be generated, loaded or saved
     ├── InvalidToken                a JWT failed verification (``reason`` says why)
-    └── ConfigurationError          a discovery document would break the spec
+    ├── ConfigurationError          a discovery document would break the spec
+    ├── users.UserError             an account cannot be created (ValueError)
+    ├── clients.ClientError         client metadata cannot be registered (ValueError)
+    ├── launches.LaunchError        a launch context cannot be created (ValueError)
+    └── protect.AuthenticationRequired  a FHIR request without a usable token (401)
+
+OAuth protocol errors at the endpoints are authlib's ``OAuth2Error`` classes (RFC 6749
+§5.2), rendered as RFC 6749 JSON or as an error redirect.
 
 Messages never carry secrets: no key material, and no token text. ``InvalidToken.reason``
 is a short machine-readable code from :data:`TOKEN_ERROR_REASONS`, suitable for logs and

@@ -51,6 +51,7 @@ __all__ = [
     "SigningKey",
     "VerificationKeys",
     "generate_signing_key",
+    "load_or_create",
 ]
 
 SigningKey: TypeAlias = RSAKey | ECKey
@@ -350,6 +351,35 @@ class KeySet:
         current = ", ".join(_describe(k) for k in self._current.values())
         retired = ", ".join(_describe(k) for k in self._retired)
         return f"KeySet(current=[{current}], retired=[{retired}])"
+
+
+def load_or_create(
+    directory: str | os.PathLike[str], *, algorithms: Iterable[str] = DEFAULT_ALGORITHMS
+) -> tuple[KeySet, bool]:
+    """Load the set in *directory*, or generate and save a new one if there is none.
+
+    Safe when several worker processes start at once: creation happens under an exclusive
+    ``flock`` on ``<directory>.lock``, so every process ends up with the same keys.
+    Returns ``(keyset, created)``.
+    """
+    import fcntl
+
+    root = Path(directory)
+    if (root / _MANIFEST).exists():
+        return KeySet.load(root), False
+    root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock_path = root.parent / f".{root.name}.lock"
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if (root / _MANIFEST).exists():
+            return KeySet.load(root), False
+        keyset = KeySet.generate(algorithms)
+        keyset.save(root)
+        return keyset, True
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _read_json(path: Path, strict_permissions: bool) -> dict[str, Any]:

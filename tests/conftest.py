@@ -112,7 +112,9 @@ def db_url(
 
 @pytest.fixture
 def settings(db_url: str) -> Settings:
-    return Settings(database_url=db_url, auto_migrate=False, db_pool_size=4)
+    # The existing FHIR tests run without tokens (open_access is for development only and off
+    # by default); tests of the SMART authorization use the fixtures in tests/smart.
+    return Settings(database_url=db_url, auto_migrate=False, db_pool_size=4, open_access=True)
 
 
 @pytest.fixture
@@ -140,6 +142,7 @@ def live_server(db_url: str, tmp_path: Path) -> Iterator[str]:
         **os.environ,
         "FHIR_CONSENT_DATABASE_URL": db_url,
         "FHIR_CONSENT_AUTO_MIGRATE": "false",
+        "FHIR_CONSENT_OPEN_ACCESS": "true",  # as the settings fixture: FHIR tests without tokens
     }
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen(

@@ -33,7 +33,8 @@ def test_migrate_is_idempotent(tmp_path: Path) -> None:
 
 
 def test_serve_on_embedded_defaults(tmp_path: Path) -> None:
-    """``fhir-consent serve`` in an empty directory: creates its SQLite file, migrates, serves."""
+    """``fhir-consent serve`` in an empty directory: creates its SQLite file and SMART signing
+    keys, migrates, serves; the FHIR API needs a token by default (``/metadata`` does not)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_CONSENT_")}
     proc = subprocess.Popen(
@@ -61,8 +62,13 @@ def test_serve_on_embedded_defaults(tmp_path: Path) -> None:
             json={"resourceType": "Patient"},
             headers={"content-type": "application/fhir+json"},
         )
-        assert created.status_code == 201
+        assert created.status_code == 401  # secure by default (SMART, issue 3)
+        assert created.headers["www-authenticate"].startswith("Bearer")
+        smart = httpx.get(f"{base}/.well-known/smart-configuration")
+        assert smart.status_code == 200
+        assert httpx.get(smart.json()["jwks_uri"]).json()["keys"]
         assert (tmp_path / "fhir-consent.sqlite3").exists()
+        assert (tmp_path / "keys" / "smart" / "keyset.json").exists()
     finally:
         proc.terminate()
         proc.wait(timeout=20)

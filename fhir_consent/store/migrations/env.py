@@ -1,4 +1,8 @@
-"""Alembic environment: the URL comes from the caller (``fhir-consent migrate``), never a file."""
+"""Alembic environment: the URL comes from the caller (``fhir-consent migrate``), never a file.
+
+``target_metadata`` lists every package's own ``MetaData``: the FHIR store's and the SMART
+authorization server's (:mod:`smart_on_fhir.tables`), so autogenerate sees all tables.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ from sqlalchemy import create_engine, pool
 
 from fhir_consent.store.db import normalize_url
 from fhir_consent.store.tables import metadata
+from smart_on_fhir.tables import metadata as smart_metadata
 
 config = context.config
-target_metadata = metadata
+target_metadata = [metadata, smart_metadata]
 
 
 def run_migrations_offline() -> None:

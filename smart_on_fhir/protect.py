@@ -1,0 +1,143 @@
+"""The resource server's side: bearer tokens on FHIR requests (RFC 6750, RFC 9068 §4).
+
+:class:`SmartResourceProtector` is authlib's :class:`~authlib.oauth2.rfc6749.ResourceProtector`
+with one validator, :class:`JWTAccessTokenValidator`: the ``Authorization: Bearer`` header is
+parsed by authlib, the token is verified with :func:`smart_on_fhir.tokens.verify_access_token`
+(precomputed public keys by ``kid`` and a cache of verified signatures, so a repeat token
+costs a dictionary look-up plus the claim checks). Expected ``aud`` (the FHIR base) and
+``iss`` come with each request, so one protector serves any host name.
+
+Failures raise :class:`AuthenticationRequired`, which carries the RFC 6750 §3 challenge for
+the ``WWW-Authenticate`` header: no token → ``Bearer realm="…"`` without an error code; a
+bad, expired or wrong-audience token → ``error="invalid_token"``. Descriptions are fixed
+reason codes, never token text.
+
+Revocation and deactivation are checked per request against the database with
+:func:`token_state` (one primary-key look-up), inside the request's own transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from authlib.oauth2.rfc6749 import ResourceProtector, TokenValidator
+from authlib.oauth2.rfc6749.errors import MissingAuthorizationError, UnsupportedTokenTypeError
+
+from .errors import InvalidToken, SmartError
+from .keys import KeySet
+from .records import TokenState, token_state
+from .tokens import AccessTokenClaims, Timestamp, verify_access_token
+
+__all__ = [
+    "AuthenticationRequired",
+    "JWTAccessTokenValidator",
+    "SmartResourceProtector",
+    "TokenState",
+    "token_state",
+    "www_authenticate",
+]
+
+
+def www_authenticate(realm: str, error: str | None = None, description: str | None = None) -> str:
+    """An RFC 6750 §3 ``WWW-Authenticate`` challenge for the Bearer scheme."""
+    parts = [f'realm="{realm}"']
+    if error:
+        parts.append(f'error="{error}"')
+    if description:
+        parts.append(f'error_description="{description}"')
+    return "Bearer " + ", ".join(parts)
+
+
+class AuthenticationRequired(SmartError):
+    """The request has no usable access token: answer 401 with :attr:`challenge`.
+
+    :param error: ``None`` when no credentials were sent (RFC 6750 §3.1: no error code
+        then), otherwise ``invalid_token`` or ``invalid_request``
+    :param reason: a fixed machine-readable code (see
+        :data:`~smart_on_fhir.errors.TOKEN_ERROR_REASONS`), safe to log
+    """
+
+    def __init__(self, realm: str, error: str | None, reason: str | None = None) -> None:
+        self.realm = realm
+        self.error = error
+        self.reason = reason
+        super().__init__(reason or "authentication required")
+
+    @property
+    def challenge(self) -> str:
+        return www_authenticate(self.realm, self.error, self.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _ProtectedRequest:
+    headers: Mapping[str, str]
+    audience: str
+    issuer: str
+    now: Timestamp
+
+
+class JWTAccessTokenValidator(TokenValidator):  # type: ignore[misc]
+    """Validates our RFC 9068 access tokens for authlib's resource protector."""
+
+    TOKEN_TYPE = "bearer"
+
+    def __init__(self, keys: Callable[[], KeySet], *, realm: str, leeway: int = 30) -> None:
+        super().__init__(realm=realm)
+        self._keys = keys
+        self._leeway = leeway
+
+    def authenticate_token(self, token_string: str) -> str:
+        return token_string.strip()
+
+    def validate_token(self, token: str, scopes: Any, request: _ProtectedRequest) -> None:
+        """Everything is checked in :meth:`SmartResourceProtector.authenticate`."""
+
+
+class SmartResourceProtector(ResourceProtector):  # type: ignore[misc]
+    """Authenticates FHIR requests by their bearer access token.
+
+    :param keys: returns the authorization server's current :class:`KeySet`
+    :param realm: the ``realm`` of the challenges
+    :param leeway: seconds of clock skew allowed on ``exp``/``iat``
+    """
+
+    def __init__(self, keys: Callable[[], KeySet], *, realm: str = "fhir", leeway: int = 30):
+        super().__init__()
+        self.realm = realm
+        self._keys = keys
+        self._leeway = leeway
+        self.register_token_validator(JWTAccessTokenValidator(keys, realm=realm, leeway=leeway))
+
+    def authenticate(
+        self,
+        headers: Mapping[str, str],
+        *,
+        audience: str,
+        issuer: str,
+        now: Timestamp,
+    ) -> AccessTokenClaims:
+        """Verify the request's bearer token: signature, ``typ``, ``iss``, ``aud`` (the FHIR
+        base) and times (RFC 9068 §4).
+
+        :raises AuthenticationRequired: no token, or an invalid one
+        """
+        request = _ProtectedRequest(headers, audience, issuer, now)
+        try:
+            token = self.validate_request(None, request)
+        except MissingAuthorizationError:
+            raise AuthenticationRequired(self.realm, None) from None
+        except UnsupportedTokenTypeError:
+            raise AuthenticationRequired(self.realm, "invalid_request", "not_bearer") from None
+        try:
+            return verify_access_token(
+                token,
+                keyset_or_jwks=self._keys(),
+                issuer=issuer,
+                audience=audience,
+                now=now,
+                leeway=self._leeway,
+            )
+        except InvalidToken as error:
+            raise AuthenticationRequired(self.realm, "invalid_token", error.reason) from None
