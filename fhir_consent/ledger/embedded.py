@@ -1,0 +1,331 @@
+"""The embedded Merkle log (ledger.md §2–§3, "embedded log"): entries, RFC 9162 tree nodes and
+signed checkpoints in the server's own database, written in the FHIR change's transaction.
+
+* :class:`DbTreeStore` — the :class:`~fhir_consent.ledger.merkle.TreeStore` over ``ledger_node``.
+* :class:`EmbeddedLog` — appends entries (allocating the gap-free ``seq`` under the
+  ``ledger_head`` row lock), issues and caches checkpoints, and builds inclusion proofs
+  (RFC 9162 §2.1.3) and consistency proofs (§2.1.4) in O(log n) node reads.
+
+Why ``seq`` is gap-free and in commit order: every append first locks the single
+``ledger_head`` row (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite write transactions already
+hold the database lock from ``BEGIN IMMEDIATE``) and only then reads the size. The lock is held
+until the FHIR write commits or rolls back, so concurrent writers — in any number of workers —
+take consecutive numbers in the order they commit, and a rolled-back write gives its number
+back with everything else it wrote.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from fhir_consent.crypto import KeyRing
+from fhir_consent.ledger.checkpoint import Checkpoint, sign_checkpoint
+from fhir_consent.ledger.entry import LedgerEntry, build_entry, entry_bytes, entry_from_bytes
+from fhir_consent.ledger.merkle import (
+    HASH_SIZE,
+    CompactRange,
+    MerkleError,
+    Node,
+    NodeKey,
+    consistency_proof,
+    inclusion_proof,
+    leaf_hash,
+    tree_root,
+)
+from fhir_consent.ledger.tables import (
+    ledger_checkpoint,
+    ledger_entry,
+    ledger_head,
+    ledger_node,
+    ledger_outbox,
+)
+from fhir_consent.ledger.verify_proof import make_document
+
+__all__ = [
+    "DbTreeStore",
+    "EmbeddedLog",
+    "LedgerNotFound",
+    "NewEntry",
+    "StoredEntry",
+    "TreeHead",
+]
+
+_HEAD_ID = 1
+_Clock = Callable[[], int]
+
+# Statements built once (building SQLAlchemy expressions per write costs more than running them)
+_SELECT_HEAD = sa.select(ledger_head.c.size, ledger_head.c.compact).where(
+    ledger_head.c.id == _HEAD_ID
+)
+_SELECT_HEAD_LOCKED = _SELECT_HEAD.with_for_update()
+_UPDATE_HEAD = (
+    ledger_head.update()
+    .where(ledger_head.c.id == _HEAD_ID)
+    .values(size=sa.bindparam("new_size"), compact=sa.bindparam("new_compact"))
+)
+_INSERT_ENTRY = ledger_entry.insert()
+_INSERT_NODE = ledger_node.insert()
+_INSERT_OUTBOX = ledger_outbox.insert()
+
+
+class LedgerNotFound(LookupError):
+    """No ledger entry for the requested version, or a size beyond the log."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewEntry:
+    """What the write path knows about one resource version (ledger.md §1)."""
+
+    kind: str  # Consent | DocumentReference
+    ref: str  # <kind>/<id>/_history/<vid>
+    event: str
+    patient_ref: str
+    resource: bytes | None  # the stored JSON of the version; None for a deletion
+    actor: str
+    ts_us: int  # commit time of the version (its meta.lastUpdated), µs since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    seq: int
+    ref: str
+    kind: str
+    ts_us: int
+    data: bytes
+
+    def entry(self) -> LedgerEntry:
+        return entry_from_bytes(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class TreeHead:
+    size: int
+    root: bytes
+
+
+class DbTreeStore:
+    """``ledger_node`` as a :class:`~fhir_consent.ledger.merkle.TreeStore` on one connection.
+
+    ``readonly`` stores never write: a node missing from the table (only possible after
+    tampering) is recomputed for the answer but not stored, so read transactions stay reads.
+    """
+
+    __slots__ = ("_conn", "_readonly")
+
+    def __init__(self, conn: Connection, *, readonly: bool = False) -> None:
+        self._conn = conn
+        self._readonly = readonly
+
+    def get_nodes(self, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]:
+        """One driver-level SELECT per 400 keys: ``(level = ? AND idx = ?) OR …``, which both
+        SQLite and PostgreSQL answer from the primary key (a proof needs O(log n) keys, so
+        skipping SQLAlchemy's expression building keeps it well under a millisecond)."""
+        if not keys:
+            return {}
+        mark = "?" if self._conn.dialect.paramstyle == "qmark" else "%s"
+        term = f"(level = {mark} AND idx = {mark})"
+        wanted = list(dict.fromkeys(keys))
+        out: dict[NodeKey, bytes] = {}
+        for start in range(0, len(wanted), 400):
+            chunk = wanted[start : start + 400]
+            sql = "SELECT level, idx, hash FROM ledger_node WHERE " + " OR ".join(
+                [term] * len(chunk)
+            )
+            params = tuple(v for key in chunk for v in (int(key[0]), int(key[1])))
+            for level, idx, h in self._conn.exec_driver_sql(sql, params):
+                out[(int(level), int(idx))] = bytes(h)
+        return out
+
+    def put_nodes(self, nodes: Sequence[Node]) -> None:
+        if self._readonly or not nodes:
+            return
+        self._conn.execute(_INSERT_NODE, [{"level": lv, "idx": i, "hash": h} for lv, i, h in nodes])
+
+
+def _us_to_datetime(us: int) -> _dt.datetime:
+    return _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC) + _dt.timedelta(microseconds=us)
+
+
+def _compact_from_row(size: int, blob: bytes) -> CompactRange:
+    blob = bytes(blob)
+    if len(blob) != size.bit_count() * HASH_SIZE:
+        raise MerkleError("ledger_head.compact does not match ledger_head.size")
+    return CompactRange(size, [blob[i : i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)])
+
+
+class EmbeddedLog:
+    """The embedded log over the ledger tables; stateless apart from its keys and origin."""
+
+    def __init__(
+        self, keyring: KeyRing, origin: str, *, clock: _Clock, outbox: bool = True
+    ) -> None:
+        self.keyring = keyring
+        self.origin = origin
+        self.clock = clock
+        self.outbox = outbox
+
+    # -- the head ---------------------------------------------------------------------------
+
+    def _lock_head(self, conn: Connection) -> CompactRange:
+        stmt = _SELECT_HEAD_LOCKED if conn.dialect.name == "postgresql" else _SELECT_HEAD
+        row = conn.execute(stmt).first()
+        if row is None:  # an emptied database (the migration inserts the row)
+            insert: Any = (
+                postgresql.insert(ledger_head)
+                if conn.dialect.name == "postgresql"
+                else sqlite.insert(ledger_head)
+            )
+            conn.execute(insert.values(id=_HEAD_ID, size=0, compact=b"").on_conflict_do_nothing())
+            row = conn.execute(stmt).one()
+        return _compact_from_row(int(row.size), row.compact)
+
+    def head(self, conn: Connection) -> TreeHead:
+        """The current size and root (no lock: a consistent snapshot of the transaction)."""
+        row = conn.execute(
+            sa.select(ledger_head.c.size, ledger_head.c.compact).where(ledger_head.c.id == _HEAD_ID)
+        ).first()
+        if row is None:
+            return TreeHead(0, CompactRange().root())
+        cr = _compact_from_row(int(row.size), row.compact)
+        return TreeHead(cr.size, cr.root())
+
+    # -- appending --------------------------------------------------------------------------
+
+    def append(self, conn: Connection, items: Sequence[NewEntry]) -> list[LedgerEntry]:
+        """Sign and append entries in the caller's transaction; return them with their ``seq``.
+
+        One row lock, then one multi-row INSERT per table (batched commits for bulk loads).
+        """
+        if not items:
+            return []
+        cr = self._lock_head(conn)
+        entries: list[LedgerEntry] = []
+        entry_rows: list[dict[str, Any]] = []
+        nodes: list[Node] = []
+        for item in items:
+            seq = cr.size
+            entry = build_entry(
+                seq,
+                _us_to_datetime(item.ts_us),
+                item.kind,
+                item.ref,
+                item.event,
+                item.patient_ref,
+                item.resource,
+                item.actor,
+                self.keyring,
+            )
+            data = entry_bytes(entry)
+            nodes.extend(cr.append(leaf_hash(data)))
+            entries.append(entry)
+            entry_rows.append(
+                {"seq": seq, "ref": item.ref, "kind": item.kind, "ts": item.ts_us, "data": data}
+            )
+        conn.execute(_INSERT_ENTRY, entry_rows)
+        DbTreeStore(conn).put_nodes(nodes)
+        if self.outbox:
+            conn.execute(
+                _INSERT_OUTBOX, [{"seq": r["seq"], "status": "pending"} for r in entry_rows]
+            )
+        conn.execute(_UPDATE_HEAD, {"new_size": cr.size, "new_compact": b"".join(cr.hashes)})
+        return entries
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def entry_by_ref(self, conn: Connection, ref: str) -> StoredEntry:
+        e = ledger_entry.c
+        row = conn.execute(
+            sa.select(e.seq, e.ref, e.kind, e.ts, e.data).where(e.ref == ref)
+        ).first()
+        if row is None:
+            raise LedgerNotFound(f"no ledger entry for {ref}")
+        return StoredEntry(int(row.seq), row.ref, row.kind, int(row.ts), bytes(row.data))
+
+    def entry_by_seq(self, conn: Connection, seq: int) -> StoredEntry:
+        e = ledger_entry.c
+        row = conn.execute(
+            sa.select(e.seq, e.ref, e.kind, e.ts, e.data).where(e.seq == seq)
+        ).first()
+        if row is None:
+            raise LedgerNotFound(f"no ledger entry {seq}")
+        return StoredEntry(int(row.seq), row.ref, row.kind, int(row.ts), bytes(row.data))
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def sign(self, head: TreeHead) -> str:
+        """A signed checkpoint note for ``head`` (C2SP tlog-checkpoint, signed-note)."""
+        return sign_checkpoint(Checkpoint(self.origin, head.size, head.root), self.keyring.signing)
+
+    def cached_checkpoint(self, conn: Connection, min_size: int = 0) -> tuple[int, str] | None:
+        """The latest issued checkpoint ``(size, note)`` covering at least ``min_size``
+        entries, or None."""
+        c = ledger_checkpoint.c
+        row = conn.execute(
+            sa.select(c.size, c.note).where(c.size >= min_size).order_by(c.size.desc()).limit(1)
+        ).first()
+        return None if row is None else (int(row.size), str(row.note))
+
+    def latest_checkpoint(self, conn: Connection) -> str:
+        """The signed checkpoint at the current size: the cached one, or a new one stored now.
+
+        Safe in any transaction; concurrent callers at the same size store one row.
+        """
+        head = self.head(conn)
+        c = ledger_checkpoint.c
+        row = conn.execute(sa.select(c.note).where(c.size == head.size)).first()
+        if row is not None:
+            return str(row.note)
+        note = self.sign(head)
+        self.store_checkpoint(conn, head, note)
+        return note
+
+    def store_checkpoint(self, conn: Connection, head: TreeHead, note: str) -> None:
+        insert: Any = (
+            postgresql.insert(ledger_checkpoint)
+            if conn.dialect.name == "postgresql"
+            else sqlite.insert(ledger_checkpoint)
+        )
+        conn.execute(
+            insert.values(
+                size=head.size, root=head.root, note=note, created_at=self.clock()
+            ).on_conflict_do_nothing()
+        )
+
+    # -- proofs -----------------------------------------------------------------------------
+
+    def inclusion(self, conn: Connection, seq: int, size: int) -> list[bytes]:
+        """``PATH(seq, D[size])`` (RFC 9162 §2.1.3.1)."""
+        return inclusion_proof(seq, size, DbTreeStore(conn, readonly=True))
+
+    def consistency(self, conn: Connection, first: int, second: int) -> list[bytes]:
+        """``PROOF(first, D[second])`` (RFC 9162 §2.1.4.1)."""
+        return consistency_proof(first, second, DbTreeStore(conn, readonly=True))
+
+    def root_at(self, conn: Connection, size: int) -> bytes:
+        """``MTH(D[size])`` for any size up to the current one."""
+        return tree_root(size, DbTreeStore(conn, readonly=True))
+
+    def proof_document(
+        self, conn: Connection, stored: StoredEntry, checkpoint_note: str, size: int
+    ) -> dict[str, Any]:
+        """The proof document of ledger.md §2 "Verifiable by the patient" — exactly what
+        :func:`fhir_consent.ledger.verify_proof.verify_document` checks."""
+        entry: Mapping[str, Any] = orjson.loads(stored.data)
+        keys = self.keyring.verify_keys()
+        signer = keys.get(str(entry.get("kid")))
+        return make_document(
+            entry,
+            stored.seq,
+            self.inclusion(conn, stored.seq, size),
+            checkpoint_note,
+            self.keyring.signing.public_bytes,
+            signer.public_bytes if signer is not None else None,
+        )
