@@ -1,0 +1,171 @@
+"""Shared helpers of the document tests: an app with the document store installed, a
+switchable caller (injected authenticator, as tests/fhir/test_visibility.py does), sample PDF
+and CDA content, and a dump of every byte the store keeps at rest."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from conftest import FHIR_JSON
+from fastapi.testclient import TestClient
+from starlette.requests import Request
+
+from fhir_consent.app import create_app
+from fhir_consent.auth import AccessContext
+from fhir_consent.config import Settings
+from fhir_consent.documents import Documents, DocumentSettings, DownloadEvent, install
+from fhir_consent.documents.tables import document_blobs, document_chunks, document_data_keys
+from fhir_consent.store.tables import resource_versions, resources
+from smart_on_fhir.scopes import parse_scopes
+
+__all__ = [
+    "FHIR_JSON",
+    "Caller",
+    "DocEnv",
+    "at_rest",
+    "b64",
+    "cda_bytes",
+    "doc_settings",
+    "document",
+    "make_env",
+    "marker",
+    "pdf_bytes",
+    "sha1_b64",
+]
+
+
+class Caller:
+    """Switch who the app thinks is calling."""
+
+    def __init__(self) -> None:
+        self.access = AccessContext(scopes=None)
+
+    async def __call__(self, _request: Request) -> AccessContext:
+        return self.access
+
+    def patient(self, pid: str, scopes: str = "patient/*.cruds") -> None:
+        self.access = AccessContext(
+            scopes=parse_scopes(scopes), patient=pid, fhir_user=f"Patient/{pid}", subject="u1"
+        )
+
+    def user(self, scopes: str) -> None:
+        self.access = AccessContext(scopes=parse_scopes(scopes), fhir_user="Practitioner/x")
+
+    def open(self) -> None:
+        self.access = AccessContext(scopes=None)
+
+
+@dataclass
+class DocEnv:
+    client: TestClient
+    caller: Caller
+    docs: Documents
+    audit: list[DownloadEvent] = field(default_factory=list)
+
+    def post_json(self, path: str, resource: dict[str, Any]) -> dict[str, Any]:
+        r = self.client.post(f"/fhir/{path}", json=resource, headers=FHIR_JSON)
+        assert r.status_code == 201, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+    def patient(self) -> str:
+        return str(self.post_json("Patient", {"resourceType": "Patient"})["id"])
+
+
+def doc_settings(tmp_path: Path, backend: str, **overrides: Any) -> DocumentSettings:
+    values: dict[str, Any] = {
+        "blob_backend": backend,
+        "blob_dir": tmp_path / "blobs" if backend == "dir" else None,
+        "spool_dir": tmp_path / "spool",
+        "master_key_file": tmp_path / "keys" / "master-keys.json",
+        "chunk_size": 4096,  # small chunks: every test crosses chunk boundaries
+    }
+    values.update(overrides)
+    return DocumentSettings(**values)
+
+
+@contextmanager
+def make_env(
+    settings: Settings, documents: DocumentSettings, tmp_path: Path, **client_kw: Any
+) -> Iterator[DocEnv]:
+    settings = settings.model_copy(update={"smart_keys_dir": str(tmp_path / "smart")})
+    app = create_app(settings)
+    caller = Caller()
+    app.state.fhir.authenticate = caller
+    events: list[DownloadEvent] = []
+    docs = install(app, app.state.fhir, documents, audit=events.append, replace=True)
+    with TestClient(app, base_url="https://testserver", **client_kw) as client:
+        yield DocEnv(client, caller, docs, events)
+
+
+def pdf_bytes(marker: str, size: int = 20_000) -> bytes:
+    head = f"%PDF-1.4\n%{marker}\n1 0 obj << /Title ({marker}) >> endobj\n".encode()
+    body = os.urandom(max(0, size - len(head) - 6))
+    return head + body + b"\n%%EOF"
+
+
+def cda_bytes(marker: str, repeat: int = 300) -> bytes:
+    section = f"<section><title>Discharge summary</title><text>{marker}</text></section>"
+    return (
+        '<?xml version="1.0"?><ClinicalDocument xmlns="urn:hl7-org:v3">'
+        f"<title>{marker}</title><component>{section * repeat}</component></ClinicalDocument>"
+    ).encode()
+
+
+def marker() -> str:
+    return f"PLAINTEXT-{uuid.uuid4().hex}"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def sha1_b64(data: bytes) -> str:
+    return b64(hashlib.sha1(data).digest())
+
+
+def document(pid: str, data: bytes | None = None, **attachment: Any) -> dict[str, Any]:
+    att: dict[str, Any] = {"contentType": "application/pdf", **attachment}
+    if data is not None:
+        att["data"] = b64(data)
+    return {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "type": {"coding": [{"system": "http://loinc.org", "code": "18842-5"}]},
+        "subject": {"reference": f"Patient/{pid}"},
+        "date": "2024-01-01T00:00:00Z",
+        "content": [{"attachment": att}],
+    }
+
+
+def at_rest(docs: Documents) -> bytes:
+    """Every byte the server keeps: resource rows, key rows, blob rows and chunks, blob and
+    spool files (concatenated; tests search it for plaintext)."""
+    parts: list[bytes] = []
+    with docs.fhir.db.read() as conn:
+        for table, cols in (
+            (resources, (resources.c.content,)),
+            (resource_versions, (resource_versions.c.content,)),
+            (document_chunks, (document_chunks.c.data,)),
+            (document_data_keys, (document_data_keys.c.wrapped,)),
+            (document_blobs, (document_blobs.c.wrapped_key, document_blobs.c.sha1)),
+        ):
+            for row in conn.execute(sa.select(*cols).select_from(table)):
+                for value in row:
+                    if value is not None:
+                        parts.append(value if isinstance(value, bytes) else str(value).encode())
+    for root in (docs.settings.blob_dir, docs.settings.spool_dir):
+        if root is not None and root.exists():
+            for path in root.rglob("*"):
+                if path.is_file():
+                    parts.append(path.read_bytes())
+    return b"\x00".join(parts)
