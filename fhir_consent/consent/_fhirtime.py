@@ -19,6 +19,8 @@ from datetime import UTC, date, datetime, timedelta
 __all__ = [
     "MAX_US",
     "MIN_US",
+    "OPEN_END_US",
+    "OPEN_START_US",
     "datetime_to_us",
     "parse_fhir_time",
     "us_to_datetime",
@@ -46,6 +48,12 @@ _TIME_RE = re.compile(
 def _day_us(y: int, m: int, d: int) -> int:
     """Epoch microseconds of 00:00 UTC on a calendar day (raises ValueError if invalid)."""
     return (date(y, m, d).toordinal() - _EPOCH_ORDINAL) * _DAY_US
+
+
+#: The open sides of a resource's Period (R4: no start = unknown, no end = ongoing): the first
+#: and last instants a ``datetime`` can hold (0001-01-01T00:00Z, 9999-12-31T23:59:59.999999Z).
+OPEN_START_US = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _ONE_US
+OPEN_END_US = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _ONE_US
 
 
 def parse_fhir_time(value: object) -> tuple[int, int]:

@@ -44,6 +44,8 @@ from fhir_consent.consent._compile import (
 from fhir_consent.consent._fhirtime import (
     MAX_US,
     MIN_US,
+    OPEN_END_US,
+    OPEN_START_US,
     datetime_to_us,
     parse_fhir_time,
     us_to_datetime,
@@ -166,7 +168,14 @@ def _walk_references(value: object, out: set[Ref]) -> None:
 
 
 def _lenient_range(value: object) -> tuple[int, int] | None:
-    """(lo, hi) of a FHIR time value or Period, or None if absent/unparseable."""
+    """(lo, hi) of a FHIR time value or Period, or None if absent/unparseable.
+
+    A Period follows R4 datatypes.html#Period: a missing ``start`` is an unknown (open) start
+    and a missing ``end`` means the period is ongoing, so the open side is the earliest or
+    latest representable instant; a period written backwards covers both ends. This is
+    exactly the range the search index stores for the element (searchparams ``_emit_period``),
+    so SQL and the engine read a resource's clinical date the same way (consent.md §3.3, §4).
+    """
     if isinstance(value, str):
         try:
             return parse_fhir_time(value)
@@ -178,13 +187,20 @@ def _lenient_range(value: object) -> tuple[int, int] | None:
             end = parse_fhir_time(value["end"]) if "end" in value else None
         except ValueError:
             return None
-        start = start or end  # one end only: a single point in time
-        end = end or start
-        if start is None or end is None:
+        if start is None and end is None:
             return None
-        lo, hi = start[0], end[1]
-        return (lo, hi) if lo <= hi else None
+        if start is None:
+            return OPEN_START_US, end[1] if end is not None else OPEN_END_US
+        if end is None:
+            return start[0], OPEN_END_US
+        return min(start[0], end[0]), max(start[1], end[1])
     return None
+
+
+def _clamp(us: int) -> int:
+    """Keep a time inside what :class:`datetime` can hold (offsets can push year 1 or 9999
+    past it); the open sentinels are exactly its bounds."""
+    return min(max(us, OPEN_START_US), OPEN_END_US)
 
 
 def _clinical_range(resource: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -222,7 +238,10 @@ def facts_from_resource(
     * ``security_labels``: ``meta.security`` plus DocumentReference ``securityLabel`` /
       Composition ``confidentiality``; none at all → Confidentiality N (consent.md §3.3).
     * ``clinical_period``: ``context.period``, else ``date`` (and analogous elements for other
-      types); ``None`` when absent or unparseable.
+      types); ``None`` when absent or unparseable. A Period without ``end`` is ongoing and one
+      without ``start`` has an unknown start (R4 datatypes.html#Period): the open side is
+      the last / first instant a ``datetime`` holds, so such a resource is inside a
+      ``dataPeriod`` only when that side of the ``dataPeriod`` is open too.
     * ``references``: every resolvable literal reference inside the resource.
     """
     rtype = resource.get("resourceType")
@@ -309,7 +328,9 @@ def facts_from_resource(
         content_types=frozenset(content_types),
         security_labels=frozenset(security) if security else _DEFAULT_SECURITY,
         clinical_period=(
-            None if clinical is None else (us_to_datetime(clinical[0]), us_to_datetime(clinical[1]))
+            None
+            if clinical is None
+            else (us_to_datetime(_clamp(clinical[0])), us_to_datetime(_clamp(clinical[1])))
         ),
         references=frozenset(references),
         referenced_by=frozenset(referenced_by),

@@ -1,0 +1,102 @@
+"""The audit trail with the consent decision in it (consent.md §6: "which Consent decided it").
+
+:class:`ConsentAuditSink` is a drop-in :class:`~fhir_consent.audit.AuditSink`: each read or
+search AuditEvent names, per patient, the deciding Consent versions (``entity`` with role
+*Security Resource*) and the reason (``outcomeDesc``: ``consent-explicit``, ``custodian``,
+``patient-self``, ``break-glass``, …), from the request's own consent filter. Break-glass
+accesses are not queued: their AuditEvent is written before the response leaves, so the patient
+sees it at once (consent.md §3). A search that names a patient (``patient=``/``subject=``) is
+logged for that patient even when it disclosed nothing of theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fhir_consent.audit import AuditRecord, AuditSink, patient_of, write_audit
+from fhir_consent.auth import AccessContext
+from fhir_consent.consent.enforcement import current_filter, search_patients
+from fhir_consent.store.repository import CurrentRow, VersionRow
+
+__all__ = ["ConsentAuditSink"]
+
+_MAX_ENTITIES = 200
+
+
+class _Group:
+    __slots__ = ("break_glass", "deciding", "permitted", "reasons", "refs")
+
+    def __init__(self) -> None:
+        self.refs: list[str] = []
+        self.deciding: set[str] = set()
+        self.reasons: set[str] = set()
+        self.break_glass = False
+        self.permitted = True
+
+
+class ConsentAuditSink(AuditSink):
+    """:class:`AuditSink` whose read/search records carry the consent decision."""
+
+    def record_access(
+        self,
+        interaction: str,
+        access: AccessContext,
+        rows: Sequence[CurrentRow | VersionRow],
+        recorded: int,
+        *,
+        permitted: bool = True,
+        reason: str | None = None,
+        query: str | None = None,
+    ) -> None:
+        """One AuditEvent per patient concerned, with the deciding Consents and reason."""
+        flt = current_filter()
+        if flt is None or access.is_open:
+            super().record_access(
+                interaction, access, rows, recorded, permitted=permitted, reason=reason, query=query
+            )
+            return
+        groups: dict[str | None, _Group] = {}
+        for row in rows:
+            if row.res_type == "AuditEvent":
+                continue
+            explanation = flt.explain(row)
+            patient = (
+                explanation.patient
+                if explanation is not None and explanation.patient
+                else patient_of(row.res_type, row.res_id, row.content)
+            )
+            group = groups.setdefault(patient, _Group())
+            group.refs.append(f"{row.res_type}/{row.res_id}")
+            if explanation is not None:
+                group.deciding.update(explanation.deciding)
+                if permitted == explanation.permitted:
+                    group.reasons.add(explanation.reason)
+                group.break_glass |= explanation.reason == "break-glass"
+        if interaction == "search-type":
+            for patient in search_patients():
+                groups.setdefault(patient, _Group())
+        if not groups and query:
+            groups[None] = _Group()
+        for patient, group in groups.items():
+            record = AuditRecord(
+                interaction=interaction,
+                recorded=recorded,
+                permitted=permitted,
+                access=access,
+                entities=tuple(group.refs[:_MAX_ENTITIES]),
+                patient=patient,
+                decided_by=tuple(sorted(group.deciding)),
+                reason=",".join(sorted(group.reasons)) or reason,
+                query=query,
+            )
+            if group.break_glass:
+                self._write_now(record)
+            else:
+                self.record(record)
+
+    def _write_now(self, record: AuditRecord) -> None:
+        """Store one record in its own transaction, before the response is sent."""
+        db: Any = self.db
+        with db.write() as conn:
+            write_audit(conn, [record])

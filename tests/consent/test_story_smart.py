@@ -1,0 +1,195 @@
+"""The full story of issue 4 with real tokens over real HTTP: SMART on (no open access), the
+consent layer installed, access tokens issued by the server's own authorization server — a
+backend-services token for the clinic's system (client bound to Organization/clinic), one for
+the hospital that holds the documents, and an authorization-code token for the patient's app
+after a real login — and every FHIR call made with httpx to uvicorn on a loopback port.
+
+clinic system asks (proposed) → the patient's token sees the inquiry → the patient grants →
+the clinic reads the documents → the patient revokes → the clinic's next read and search are
+denied → the patient sees every step as AuditEvents (consent.md §2, §6).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from argon2 import PasswordHasher
+from consent_kit import LiveServer, document, inquiry
+from fastapi.testclient import TestClient
+from smart.kit import AUTH, BASE, World
+
+from fhir_consent.app import create_app
+from fhir_consent.config import Settings
+from fhir_consent.consent.auditing import ConsentAuditSink
+from fhir_consent.consent.workflow import install
+from fhir_consent.store.db import Database
+from smart_on_fhir import users as users_module
+from smart_on_fhir.client_auth import ASSERTION_TYPE, sign_client_assertion
+from smart_on_fhir.keys import KeySet, SigningKey, generate_signing_key
+
+PATIENT_SCOPES = "openid fhirUser launch/patient patient/*.cruds"
+JSON = {"accept": "application/fhir+json", "content-type": "application/fhir+json"}
+
+
+@pytest.fixture
+def story(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[World, LiveServer, ConsentAuditSink]]:
+    cheap = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    monkeypatch.setattr(users_module, "_hasher", lambda: cheap)
+    keys = tmp_path / "keys"
+    KeySet.generate().save(keys)
+    settings = Settings(
+        database_url=db_url,
+        auto_migrate=False,
+        db_pool_size=4,
+        smart_keys_dir=str(keys),
+        public_base_url=f"{BASE}/fhir",  # token audience, whichever host serves the request
+    )
+    app = create_app(settings)
+    install(app.state.fhir)
+    sink = ConsentAuditSink(app.state.fhir.db, flush_interval=0.02)
+    app.state.fhir.audit = sink
+    seed_app = create_app(settings.model_copy(update={"open_access": True}))
+    install(seed_app.state.fhir)  # seeding keeps the consent index too
+    db = Database(db_url, pool_size=2)
+    sink.start()
+    try:
+        with TestClient(app, base_url=BASE) as http, TestClient(seed_app, base_url=BASE) as seed:
+            with LiveServer(app) as server:
+                yield World(http=http, seed=seed, db=db), server, sink
+    finally:
+        sink.stop()
+        db.dispose()
+
+
+def backend_token(world: World, key: SigningKey, organization: str, scope: str) -> str:
+    created = world.add_client(
+        "confidential-asymmetric",
+        scope=scope,
+        redirect_uris=(),
+        organization=organization,
+        client_name=f"{organization} system",
+        jwks={"keys": [dict(key.as_dict(private=False))]},
+    )
+    cid = created.client.client_id
+    assertion = sign_client_assertion(key, client_id=cid, token_url=f"{AUTH}/token")
+    r = world.http.post(
+        f"{AUTH}/token",
+        data={
+            "grant_type": "client_credentials",
+            "scope": scope,
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": assertion,
+        },
+    )
+    assert r.status_code == 200, r.text
+    token: str = r.json()["access_token"]
+    return token
+
+
+def test_full_story_with_real_tokens(story: tuple[World, LiveServer, ConsentAuditSink]) -> None:
+    world, server, sink = story
+    pid = world.add_patient()
+    patient = f"Patient/{pid}"
+    for org in ("clinic", "hospital"):
+        world.seed.put(
+            f"/fhir/Organization/{org}",
+            json={"resourceType": "Organization", "id": org},
+            headers=JSON,
+        )
+    key = generate_signing_key("RS384")
+    clinic = backend_token(
+        world, key, "Organization/clinic", "system/Consent.c system/DocumentReference.rs"
+    )
+    hospital = backend_token(world, key, "Organization/hospital", "system/DocumentReference.cr")
+    username = f"patient-{uuid.uuid4().hex[:8]}"
+    world.add_user(username, patient)
+    app = world.add_client("public", scope=PATIENT_SCOPES)
+    mine = world.token(app.client.client_id, username=username, scope=PATIENT_SCOPES)
+    assert mine["patient"] == pid
+    me = mine["access_token"]
+
+    def as_(token: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {token}", **JSON}
+
+    with httpx.Client(base_url=server.base + "/", timeout=10) as http:
+        docs = []
+        for title in ("discharge", "lab"):
+            r = http.post(
+                "DocumentReference",
+                json=document(patient, custodian="Organization/hospital", description=title),
+                headers=as_(hospital),
+            )
+            assert r.status_code == 201, r.text
+            docs.append(r.json()["id"])
+
+        # the clinic's system asks; until the patient answers it sees nothing
+        asked = http.post(
+            "Consent", json=inquiry(patient, ["Organization/clinic"]), headers=as_(clinic)
+        )
+        assert asked.status_code == 201, asked.text
+        cid = asked.json()["id"]
+        assert http.get(f"DocumentReference/{docs[0]}", headers=as_(clinic)).status_code == 404
+
+        # the patient's token sees the inquiry and who asked
+        pending = http.get(f"Consent?patient={patient}&status=proposed", headers=as_(me)).json()
+        assert [e["resource"]["id"] for e in pending["entry"]] == [cid]
+        consent: dict[str, Any] = pending["entry"][0]["resource"]
+        assert consent["extension"][0]["valueReference"] == {"reference": "Organization/clinic"}
+
+        # the patient grants; the clinic reads the documents
+        r = http.put(f"Consent/{cid}", json=consent | {"status": "active"}, headers=as_(me))
+        assert r.status_code == 200, r.text
+        found = http.get(f"DocumentReference?patient={patient}", headers=as_(clinic)).json()
+        assert {e["resource"]["id"] for e in found["entry"]} == set(docs)
+        for doc in docs:
+            assert http.get(f"DocumentReference/{doc}", headers=as_(clinic)).status_code == 200
+
+        # the patient revokes; the clinic's next read and search are denied
+        r = http.put(f"Consent/{cid}", json=r.json() | {"status": "inactive"}, headers=as_(me))
+        assert r.status_code == 200, r.text
+        assert http.get(f"DocumentReference/{docs[0]}", headers=as_(clinic)).status_code == 404
+        after = http.get(f"DocumentReference?patient={patient}", headers=as_(clinic)).json()
+        assert after["total"] == 0
+
+        # the patient sees every step
+        deadline = time.monotonic() + 10
+        while True:
+            sink.flush()
+            log = http.get(f"AuditEvent?patient={patient}&_count=200", headers=as_(me)).json()
+            events = [e["resource"] for e in log.get("entry", [])]
+            by_clinic = [
+                (e["subtype"][0]["code"], e["outcome"])
+                for e in events
+                if any(a["who"].get("reference") == "Organization/clinic" for a in e["agent"])
+            ]
+            if len(by_clinic) >= 6 or time.monotonic() > deadline:
+                break
+    assert sorted(by_clinic) == sorted(
+        [
+            ("read", "4"),  # before the grant
+            ("create", "0"),  # the inquiry
+            ("search-type", "0"),  # with both documents
+            ("read", "0"),
+            ("read", "0"),
+            ("read", "4"),  # after the revocation
+            ("search-type", "0"),  # after the revocation: nothing disclosed
+        ]
+    )
+    answers = [e for e in events if e["subtype"][0]["code"] == "update"]
+    assert len(answers) == 2  # the grant and the revocation, by the patient's app
+    assert all(e["agent"][0]["who"]["reference"] == patient for e in answers)
+    disclosed = [
+        {x["what"]["reference"] for x in e["entity"] if x.get("role", {}).get("code") == "4"}
+        for e in events
+        if e["subtype"][0]["code"] == "search-type"
+        and any(a["who"].get("reference") == "Organization/clinic" for a in e["agent"])
+    ]
+    assert sorted(map(len, disclosed)) == [0, 2]
