@@ -68,7 +68,7 @@ def create_bench_app(url: str | None = None) -> Any:
     (or ``url``), the consent layer installed, bearer names ``patient`` / ``clinic``."""
     from starlette.requests import Request
 
-    from fhir_consent.app import create_app
+    from fhir_consent.app import create_core_app
     from fhir_consent.auth import AccessContext
     from fhir_consent.consent.workflow import install
     from fhir_consent.errors import Unauthorized
@@ -94,7 +94,7 @@ def create_bench_app(url: str | None = None) -> Any:
         from fhir_consent.config import Settings
 
         settings = Settings(database_url=url, auto_migrate=False, open_access=True)
-    app = create_app(settings)
+    app = create_core_app(settings)
     app.state.fhir.authenticate = authenticate
     install(app.state.fhir)
     return app

@@ -2,9 +2,9 @@
 uvicorn worker, on SQLite and PostgreSQL, with blobs in the database and in a directory.
 
 Each configuration gets a fresh database, a fresh master key and blob directory, and one
-uvicorn worker (same options as ``bench/run_core.py``) serving the app with the document store
-installed (``create_bench_app`` below, via ``--factory``). The client (httpx, one keep-alive
-connection) then runs warm-up rounds and measured rounds of
+uvicorn worker (same options as ``bench/run_core.py``) serving the server's own app
+(``fhir_consent.app:create_app`` via ``--factory``, every layer installed). The client
+(httpx, one keep-alive connection) then runs warm-up rounds and measured rounds of
 
 * ``upload``   — ``POST /fhir/Binary`` with the raw bytes (``Content-Type: application/pdf``):
   streamed, SHA-1 hashed, encrypted chunk by chunk and stored;
@@ -63,17 +63,6 @@ UVICORN_OPTS = [
 ]
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 PG_DB = "bench_fc_documents"
-
-
-def create_bench_app() -> Any:
-    """The server's app factory (``uvicorn bench_documents:create_bench_app --factory``):
-    settings from the environment, document store installed."""
-    from fhir_consent.app import create_app
-    from fhir_consent.documents import DocumentSettings, install
-
-    app = create_app()
-    install(app, app.state.fhir, DocumentSettings())
-    return app
 
 
 @dataclass(slots=True)
@@ -145,11 +134,12 @@ def server(url: str, blobs: str, tmp: Path) -> Iterator[tuple[str, int]]:
         "FHIR_CONSENT_DOCUMENTS_BLOB_DIR": str(tmp / "blobs"),
         "FHIR_CONSENT_DOCUMENTS_SPOOL_DIR": str(tmp / "spool"),
         "FHIR_CONSENT_DOCUMENTS_MASTER_KEY_FILE": str(tmp / "keys" / "master.json"),
+        "FHIR_CONSENT_LEDGER_KEYS_DIR": str(tmp / "keys" / "ledger"),
     }
-    cmd = [sys.executable, "-m", "uvicorn", "bench_documents:create_bench_app", "--factory"]
+    cmd = [sys.executable, "-m", "uvicorn", "fhir_consent.app:create_app", "--factory"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), *UVICORN_OPTS]
     log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -68,7 +68,7 @@ def bench_write_latency(tmp: Path, writes: int) -> dict[str, Any]:
     from fastapi.testclient import TestClient
     from ledger_testkit import FHIR_JSON, consent_resource, ledger_settings
 
-    from fhir_consent.app import create_app
+    from fhir_consent.app import create_core_app
     from fhir_consent.config import Settings
     from fhir_consent.fhir.services import ResourceService
     from fhir_consent.ledger.api import install
@@ -82,7 +82,7 @@ def bench_write_latency(tmp: Path, writes: int) -> dict[str, Any]:
     apps: dict[str, Any] = {}
     for mode in ("off", "on"):
         url = _migrated_sqlite(tmp, f"latency-{mode}.sqlite3")
-        app = create_app(Settings(database_url=url, auto_migrate=False, open_access=True))
+        app = create_core_app(Settings(database_url=url, auto_migrate=False, open_access=True))
         if mode == "on":
             install(app, app.state.fhir, ledger_settings(tmp / "lat"))
         apps[mode] = app

@@ -1,4 +1,15 @@
-"""The ASGI application factory: ``create_app(settings)`` wires routes, storage and handlers.
+"""The ASGI application factories.
+
+* :func:`create_app` is **the server**: the FHIR REST API behind the SMART authorization
+  server, with consent enforcement and the inquiry workflow, the audit trail, the permissions
+  ledger, the encrypted document store and the patient app. ``fhir-consent serve`` runs it
+  (``fhir_consent.main:app``); each layer reads its own settings from the environment unless
+  given (:class:`~fhir_consent.ledger.config.LedgerSettings`,
+  :class:`~fhir_consent.documents.config.DocumentSettings`,
+  :class:`~fhir_consent.consent.config.ConsentSettings`,
+  :class:`~fhir_consent.web.config.WebSettings`).
+* :func:`create_core_app` is the FHIR REST API and the authorization server alone, for tests
+  and tools that install (or replace) the layers above one by one.
 
 Nothing happens at import time; the database engine is created here and disposed on shutdown.
 
@@ -15,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -35,13 +46,23 @@ from fhir_consent.auth import (
     smart_token_check,
 )
 from fhir_consent.config import Settings, get_settings
+from fhir_consent.consent.auditing import ConsentAuditSink
+from fhir_consent.consent.config import ConsentSettings
+from fhir_consent.consent.workflow import install as install_consent
+from fhir_consent.documents import install as install_documents
+from fhir_consent.documents.auditing import SinkDownloadAudit
+from fhir_consent.documents.config import DocumentSettings
 from fhir_consent.errors import FHIRError, Issue, operation_outcome
 from fhir_consent.fhir.http import fhir_response
 from fhir_consent.fhir.routes import FHIRContext, build_router
 from fhir_consent.fhir.services import Clock, system_clock
+from fhir_consent.ledger.api import install as install_ledger
+from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.limits import BodyLimit
 from fhir_consent.store.db import Database
 from fhir_consent.store.migrate import upgrade
+from fhir_consent.web import install as install_web
+from fhir_consent.web.config import WebSettings
 from smart_on_fhir.clients import client_origins
 from smart_on_fhir.cors import SmartCORS
 from smart_on_fhir.keys import KeySet, load_or_create
@@ -49,7 +70,14 @@ from smart_on_fhir.routes import SmartAuth
 from smart_on_fhir.routes import build_router as build_auth_router
 from smart_on_fhir.server import AuthSettings, Urls
 
-__all__ = ["SmartKeys", "create_app", "fhir_user_exists", "smart_auth_settings"]
+__all__ = [
+    "SmartKeys",
+    "create_app",
+    "create_core_app",
+    "fhir_user_exists",
+    "install_layers",
+    "smart_auth_settings",
+]
 
 log = logging.getLogger("fhir_consent")
 
@@ -176,8 +204,70 @@ def _install_smart(app: FastAPI, ctx: FHIRContext, settings: Settings) -> SmartA
     return auth
 
 
-def create_app(settings: Settings | None = None, *, clock: Clock = system_clock) -> FastAPI:
-    """Build the application. ``settings`` defaults to the environment's."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    clock: Clock = system_clock,
+    consent: ConsentSettings | None = None,
+    ledger: LedgerSettings | None = None,
+    documents: DocumentSettings | None = None,
+    web: WebSettings | None = None,
+) -> FastAPI:
+    """The whole server (see the module docstring). ``settings`` defaults to the
+    environment's, and so does each layer's settings object."""
+    app = create_core_app(settings, clock=clock)
+    install_layers(app, consent=consent, ledger=ledger, documents=documents, web=web)
+    return app
+
+
+def install_layers(
+    app: FastAPI,
+    *,
+    consent: ConsentSettings | None = None,
+    ledger: LedgerSettings | None = None,
+    documents: DocumentSettings | None = None,
+    web: WebSettings | None = None,
+) -> None:
+    """Put every layer above the core into an app from :func:`create_core_app`.
+
+    The order matters: the ledger and the document store put their routes ahead of the
+    generic FHIR routes; the consent layer wraps the (SMART) authenticator, so it comes after
+    it, and it always runs — its consent index and the ledger must see every Consent write,
+    open access included, or a later secured start would enforce a stale index.
+    """
+    ctx: FHIRContext = app.state.fhir
+    install_ledger(app, ctx, ledger if ledger is not None else LedgerSettings())
+    layer = install_consent(ctx, consent if consent is not None else ConsentSettings())
+    sink = ConsentAuditSink(ctx.db)
+    ctx.audit = sink
+    store = install_documents(
+        app, ctx, documents if documents is not None else DocumentSettings()
+    )
+    store.access = layer.binary_access(store.access)
+    store.audit = SinkDownloadAudit(sink, ctx.db, ctx.clock)
+    install_web(app, ctx, web)
+    _run_with_app(app, sink.start, sink.stop)
+
+
+def _run_with_app(app: FastAPI, start: Callable[[], None], stop: Callable[[], None]) -> None:
+    """Call ``start`` when the app starts serving and ``stop`` when it shuts down."""
+    original = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(the_app: Any) -> AsyncIterator[Any]:
+        async with original(the_app) as state:
+            start()
+            try:
+                yield state
+            finally:
+                stop()
+
+    app.router.lifespan_context = lifespan
+
+
+def create_core_app(settings: Settings | None = None, *, clock: Clock = system_clock) -> FastAPI:
+    """The FHIR REST API behind the SMART authorization server, without the layers of
+    :func:`install_layers`. ``settings`` defaults to the environment's."""
     settings = settings or get_settings()
     db = Database(settings.database_url, pool_size=settings.db_pool_size)
     ctx = FHIRContext(

@@ -15,9 +15,6 @@
 then prints the logins. ``fhir-consent demo clinic --patient peter`` acts as Lakeside's EHR
 (client credentials with that key) and reads the patient's documents, so the access (or the
 refusal) shows up live in the patient's access log.
-
-:func:`build_app` is the application with every feature installed that ``create_app`` does not
-install itself yet (ledger, documents, audit trail, patient app).
 """
 
 from __future__ import annotations
@@ -29,12 +26,12 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -43,7 +40,7 @@ from fhir_consent.config import Settings
 from fhir_consent.fhir.routes import FHIRContext
 from fhir_consent.web.config import DEFAULT_CLIENT_ID, WebSettings
 
-__all__ = ["CLINIC_CLIENT_ID", "Demo", "add_parser", "build_app", "clinic_token", "seed"]
+__all__ = ["CLINIC_CLIENT_ID", "Demo", "add_parser", "clinic_token", "seed"]
 
 #: The backend-services client of Lakeside General Hospital's EHR.
 CLINIC_CLIENT_ID = "lakeside-ehr"
@@ -56,78 +53,6 @@ _PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 
 def _say(text: str, *, error: bool = False) -> None:
     print(text, file=sys.stderr if error else sys.stdout)  # noqa: T201
-
-
-# -- the application with every feature ---------------------------------------------------
-
-
-def build_app(
-    settings: Settings | None = None,
-    *,
-    ledger: Any = None,
-    documents: Any = None,
-    web: WebSettings | None = None,
-) -> FastAPI:
-    """``create_app(settings)`` plus whatever it does not install itself yet: the ledger
-    (``ledger``: LedgerSettings), the document store (``documents``: DocumentSettings), the
-    consent layer, the audit trail, and the patient app (``web``)."""
-    from fhir_consent.app import create_app
-
-    app = create_app(settings)
-    ctx: FHIRContext = app.state.fhir
-    if getattr(app.state, "ledger", None) is None:
-        from fhir_consent.ledger.api import install as install_ledger
-        from fhir_consent.ledger.config import LedgerSettings
-
-        install_ledger(app, ctx, ledger if ledger is not None else LedgerSettings())
-    if getattr(app.state, "documents", None) is None:
-        from fhir_consent.documents import DocumentSettings
-        from fhir_consent.documents import install as install_documents
-
-        install_documents(app, ctx, documents if documents is not None else DocumentSettings())
-    if ctx.consent is None:
-        _install_consent(app, ctx)
-    if ctx.audit is None:
-        _install_audit(app, ctx)
-    if not getattr(app.state, "web_installed", False):
-        from fhir_consent.web import install as install_web
-
-        install_web(app, ctx, web)
-    return app
-
-
-def _install_consent(app: FastAPI, ctx: FHIRContext) -> None:
-    """The consent layer (enforcement, inquiry workflow), and Binary access through it."""
-    try:
-        from fhir_consent.consent.workflow import install as install_consent
-    except ImportError:  # an older tree without the consent layer
-        return
-    layer = install_consent(cast(Any, ctx))  # its Protocol wants settable clock/authenticate
-    documents = getattr(app.state, "documents", None)
-    if documents is not None:
-        documents.access = layer.binary_access(documents.access)
-
-
-def _install_audit(app: FastAPI, ctx: FHIRContext) -> None:
-    try:
-        from fhir_consent.consent.auditing import ConsentAuditSink as AuditSink
-    except ImportError:
-        from fhir_consent.audit import AuditSink  # type: ignore[assignment]
-
-    sink = AuditSink(ctx.db)
-    ctx.audit = sink
-    original = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(the_app: Any) -> AsyncIterator[Any]:
-        async with original(the_app) as state:
-            sink.start()
-            try:
-                yield state
-            finally:
-                sink.stop()
-
-    app.router.lifespan_context = lifespan
 
 
 # -- demo content -------------------------------------------------------------------------
@@ -661,6 +586,7 @@ def _print_demo(demo: Demo, base_url: str, database_url: str) -> None:
 
 
 def _seed(args: argparse.Namespace) -> int:
+    from fhir_consent.app import create_app
     from fhir_consent.store.migrate import upgrade
 
     if args.password is not None and len(args.password) < 8:
@@ -668,7 +594,7 @@ def _seed(args: argparse.Namespace) -> int:
         return 2
     settings = Settings(database_url=args.database_url) if args.database_url else Settings()
     upgrade(settings.database_url)
-    app = build_app(settings.model_copy(update={"auto_migrate": False}))
+    app = create_app(settings.model_copy(update={"auto_migrate": False}))
     ctx: FHIRContext = app.state.fhir
     try:
         from fhir_consent.store.repository import Repository

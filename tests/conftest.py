@@ -24,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from fhir_consent.app import create_app
+from fhir_consent.app import create_core_app
 from fhir_consent.config import Settings
 from fhir_consent.store.migrate import upgrade
 from fhir_consent.store.tables import metadata
@@ -120,7 +120,7 @@ def settings(db_url: str) -> Settings:
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
     """An in-process client; the app sees ``https://testserver`` as its origin."""
-    app = create_app(settings)
+    app = create_core_app(settings)
     with TestClient(
         app, base_url="https://testserver", headers={"accept": "application/fhir+json"}
     ) as c:
@@ -159,6 +159,7 @@ def live_server(db_url: str, tmp_path: Path) -> Iterator[str]:
             "warning",
         ],
         env=env,
+        cwd=tmp_path,  # the server's default key files land there, not in the repo
         stdout=log,
         stderr=subprocess.STDOUT,
     )

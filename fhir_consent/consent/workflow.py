@@ -29,7 +29,7 @@ import copy
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -45,6 +45,9 @@ from fhir_consent.consent.index import INQUIRER_EXTENSION, ConsentIndexer, inqui
 from fhir_consent.consent.rules import normalize_reference
 from fhir_consent.errors import Forbidden, Unprocessable
 from fhir_consent.requestctx import current_access
+
+if TYPE_CHECKING:  # the FHIR layer sits above this one: only its type is needed here
+    from fhir_consent.fhir.routes import FHIRContext
 
 __all__ = ["ConsentLayer", "InquiryWorkflow", "install"]
 
@@ -185,16 +188,6 @@ class InquiryWorkflow:
             )
 
 
-class _Context(Protocol):
-    """The parts of ``fhir_consent.fhir.routes.FHIRContext`` that :func:`install` wires."""
-
-    consent: Any
-    prewrites: list[Any]
-    listeners: list[Any]
-    authenticate: Any
-    clock: Callable[[], int]
-
-
 @dataclass(frozen=True, slots=True)
 class ConsentLayer:
     """What :func:`install` put in place. ``binary_access`` is the document store's
@@ -211,7 +204,7 @@ class ConsentLayer:
         return ConsentBinaryAccess(self.enforcement, clock, inner)
 
 
-def install(ctx: _Context, settings: ConsentSettings | None = None) -> ConsentLayer:
+def install(ctx: FHIRContext, settings: ConsentSettings | None = None) -> ConsentLayer:
     """Wire the consent layer into a ``FHIRContext`` before it serves requests: the enforcer
     (``ctx.consent``), the §2 workflow hook, the consent index listener, the delete guard, and
     the ``X-Purpose-Of-Use`` handling around ``ctx.authenticate`` (set the authenticator

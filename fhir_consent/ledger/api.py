@@ -18,7 +18,7 @@ Operations, relative to the FHIR base:
 Checkpoints and consistency proofs carry no personal data and are public by default
 (``public_checkpoints``), as transparency logs' are, so anyone can witness the log.
 
-Wiring (the app factory calls it once)::
+Wiring (:func:`fhir_consent.app.create_app` calls it once)::
 
     from fhir_consent.ledger.api import install
     from fhir_consent.ledger.config import LedgerSettings
@@ -59,7 +59,6 @@ from smart_on_fhir.scopes import Interaction
 
 __all__ = [
     "OPERATION_BASE",
-    "app_factory",
     "build_ledger_router",
     "capability_extender",
     "install",
@@ -319,13 +318,3 @@ def install(
 
         _wrap_lifespan(app, start)
     return ledger
-
-
-def app_factory() -> FastAPI:
-    """``uvicorn --factory fhir_consent.ledger.api:app_factory``: the app with the ledger,
-    settings from the environment (until ``create_app`` calls :func:`install` itself)."""
-    from fhir_consent.app import create_app
-
-    app = create_app()
-    install(app, app.state.fhir, LedgerSettings())
-    return app

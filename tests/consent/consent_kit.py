@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
-from fhir_consent.app import create_app
+from fhir_consent.app import create_core_app
 from fhir_consent.auth import AccessContext
 from fhir_consent.config import Settings
 from fhir_consent.consent.auditing import ConsentAuditSink
@@ -171,7 +171,7 @@ class Env:
 @contextmanager
 def make_env(settings: Settings, consent: ConsentSettings | None = None) -> Iterator[Env]:
     clock = Clock()
-    app = create_app(settings, clock=clock)
+    app = create_core_app(settings, clock=clock)
     caller = Caller()
     ctx = app.state.fhir
     ctx.authenticate = caller

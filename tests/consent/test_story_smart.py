@@ -1,5 +1,6 @@
-"""The full story of issue 4 with real tokens over real HTTP: SMART on (no open access), the
-consent layer installed, access tokens issued by the server's own authorization server — a
+"""The full story of issue 4 with real tokens over real HTTP, on the server's own application
+(:func:`fhir_consent.app.create_app`: every layer installed, SMART on, no open access), access
+tokens issued by the server's own authorization server — a
 backend-services token for the clinic's system (client bound to Organization/clinic), one for
 the hospital that holds the documents, and an authorization-code token for the patient's app
 after a real login — and every FHIR call made with httpx to uvicorn on a loopback port.
@@ -25,9 +26,10 @@ from fastapi.testclient import TestClient
 from smart.kit import AUTH, BASE, World
 
 from fhir_consent.app import create_app
+from fhir_consent.audit import AuditSink
 from fhir_consent.config import Settings
-from fhir_consent.consent.auditing import ConsentAuditSink
-from fhir_consent.consent.workflow import install
+from fhir_consent.documents import DocumentSettings
+from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.store.db import Database
 from smart_on_fhir import users as users_module
 from smart_on_fhir.client_auth import ASSERTION_TYPE, sign_client_assertion
@@ -40,7 +42,7 @@ JSON = {"accept": "application/fhir+json", "content-type": "application/fhir+jso
 @pytest.fixture
 def story(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[World, LiveServer, ConsentAuditSink]]:
+) -> Iterator[tuple[World, LiveServer, AuditSink]]:
     cheap = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
     monkeypatch.setattr(users_module, "_hasher", lambda: cheap)
     keys = tmp_path / "keys"
@@ -52,20 +54,24 @@ def story(
         smart_keys_dir=str(keys),
         public_base_url=f"{BASE}/fhir",  # token audience, whichever host serves the request
     )
-    app = create_app(settings)
-    install(app.state.fhir)
-    sink = ConsentAuditSink(app.state.fhir.db, flush_interval=0.02)
-    app.state.fhir.audit = sink
-    seed_app = create_app(settings.model_copy(update={"open_access": True}))
-    install(seed_app.state.fhir)  # seeding keeps the consent index too
+    layers: dict[str, Any] = {
+        "ledger": LedgerSettings(_env_file=None, keys_dir=str(tmp_path / "ledger")),  # type: ignore[call-arg]
+        "documents": DocumentSettings(
+            _env_file=None,  # type: ignore[call-arg]
+            master_key_file=tmp_path / "master-keys.json",
+            blob_backend="db",
+        ),
+    }
+    app = create_app(settings, **layers)
+    sink = app.state.fhir.audit
+    assert sink is not None  # the server audits every authenticated request
+    seed_app = create_app(settings.model_copy(update={"open_access": True}), **layers)
     db = Database(db_url, pool_size=2)
-    sink.start()
     try:
         with TestClient(app, base_url=BASE) as http, TestClient(seed_app, base_url=BASE) as seed:
             with LiveServer(app) as server:
                 yield World(http=http, seed=seed, db=db), server, sink
     finally:
-        sink.stop()
         db.dispose()
 
 
@@ -94,7 +100,7 @@ def backend_token(world: World, key: SigningKey, organization: str, scope: str) 
     return token
 
 
-def test_full_story_with_real_tokens(story: tuple[World, LiveServer, ConsentAuditSink]) -> None:
+def test_full_story_with_real_tokens(story: tuple[World, LiveServer, AuditSink]) -> None:
     world, server, sink = story
     pid = world.add_patient()
     patient = f"Patient/{pid}"

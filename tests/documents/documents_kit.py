@@ -19,7 +19,7 @@ from conftest import FHIR_JSON
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
-from fhir_consent.app import create_app
+from fhir_consent.app import create_core_app
 from fhir_consent.auth import AccessContext
 from fhir_consent.config import Settings
 from fhir_consent.documents import Documents, DocumentSettings, DownloadEvent, install
@@ -98,7 +98,7 @@ def make_env(
     settings: Settings, documents: DocumentSettings, tmp_path: Path, **client_kw: Any
 ) -> Iterator[DocEnv]:
     settings = settings.model_copy(update={"smart_keys_dir": str(tmp_path / "smart")})
-    app = create_app(settings)
+    app = create_core_app(settings)
     caller = Caller()
     app.state.fhir.authenticate = caller
     events: list[DownloadEvent] = []

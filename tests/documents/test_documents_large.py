@@ -38,9 +38,11 @@ def _content(size: int) -> Iterator[bytes]:
 
 
 def _start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "uvicorn", "live_documents_app:create", "--factory"]
+    cmd = [sys.executable, "-m", "uvicorn", "fhir_consent.app:create_app", "--factory"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=log.parent, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -63,7 +65,6 @@ def test_200_mb_document_streams_with_bounded_memory(
     shutil.copy(sqlite_template, db)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("FHIR_CONSENT_")},
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
         "FHIR_CONSENT_DATABASE_URL": f"sqlite:///{db}",
         "FHIR_CONSENT_AUTO_MIGRATE": "false",
         "FHIR_CONSENT_OPEN_ACCESS": "true",
@@ -72,6 +73,7 @@ def test_200_mb_document_streams_with_bounded_memory(
         "FHIR_CONSENT_DOCUMENTS_BLOB_DIR": str(tmp_path / "blobs"),
         "FHIR_CONSENT_DOCUMENTS_SPOOL_DIR": str(tmp_path / "spool"),
         "FHIR_CONSENT_DOCUMENTS_MASTER_KEY_FILE": str(tmp_path / "keys" / "master.json"),
+        "FHIR_CONSENT_LEDGER_KEYS_DIR": str(tmp_path / "keys" / "ledger"),
     }
     port = free_port()
     proc = _start(env, port, tmp_path / "server.log")

@@ -185,7 +185,7 @@ def test_migration_chain_is_linear() -> None:
 
 
 def test_install_is_lazy_and_replaceable(tmp_path: Path) -> None:
-    from fhir_consent.app import create_app
+    from fhir_consent.app import create_core_app
     from fhir_consent.config import Settings
     from fhir_consent.documents import install, uninstall
 
@@ -194,7 +194,7 @@ def test_install_is_lazy_and_replaceable(tmp_path: Path) -> None:
         open_access=True,
         smart_keys_dir=str(tmp_path / "smart"),
     )
-    app = create_app(settings)
+    app = create_core_app(settings)
     ctx = app.state.fhir
     routes = len(app.router.routes)
     documents = DocumentSettings(

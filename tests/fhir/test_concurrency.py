@@ -44,6 +44,7 @@ def two_workers(db_url: str, tmp_path: Path) -> Iterator[str]:
             "warning",
         ],
         env=env,
+        cwd=tmp_path,  # the server's default key files land there, not in the repo
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -284,10 +284,10 @@ def test_validation_errors_carry_expression_and_no_values(client: TestClient) ->
 
 
 def test_body_too_large_is_413(settings: Any) -> None:
-    from fhir_consent.app import create_app
+    from fhir_consent.app import create_core_app
 
     small = settings.model_copy(update={"max_body_bytes": 2048})
-    with TestClient(create_app(small), base_url="https://testserver") as c:
+    with TestClient(create_core_app(small), base_url="https://testserver") as c:
         body = {"resourceType": "Patient", "name": [{"text": "x" * 5000}]}
         r = c.post("/fhir/Patient", json=body, headers=FHIR_JSON)
         assert r.status_code == 413

@@ -14,7 +14,7 @@ from conftest import FHIR_JSON
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
-from fhir_consent.app import create_app
+from fhir_consent.app import create_core_app
 from fhir_consent.auth import AccessContext
 from fhir_consent.config import Settings
 from smart_on_fhir.scopes import parse_scopes
@@ -43,7 +43,7 @@ class Caller:
 
 @pytest.fixture
 def caller_client(settings: Settings) -> Iterator[tuple[TestClient, Caller]]:
-    app = create_app(settings)
+    app = create_core_app(settings)
     caller = Caller()
     app.state.fhir.authenticate = caller
     with TestClient(app, base_url="https://testserver") as c:

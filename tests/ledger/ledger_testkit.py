@@ -180,11 +180,11 @@ def ledger_settings(tmp_path: Path, **overrides: Any) -> Any:
 
 
 def ledger_app(settings: Any, lsettings: Any) -> Any:
-    """``create_app(settings)`` + ``install(app, app.state.fhir, lsettings)``."""
-    from fhir_consent.app import create_app
+    """``create_core_app(settings)`` + ``install(app, app.state.fhir, lsettings)``."""
+    from fhir_consent.app import create_core_app
     from fhir_consent.ledger.api import install
 
-    app = create_app(settings)
+    app = create_core_app(settings)
     install(app, app.state.fhir, lsettings)
     return app
 

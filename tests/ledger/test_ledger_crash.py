@@ -93,7 +93,7 @@ class Server:
                 "-m",
                 "uvicorn",
                 "--factory",
-                "fhir_consent.ledger.api:app_factory",
+                "fhir_consent.app:create_app",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -102,6 +102,7 @@ class Server:
                 "warning",
             ],
             env=self.env,
+            cwd=self.workdir,  # the server's default key files land there
             stdout=log,
             stderr=subprocess.STDOUT,
         )

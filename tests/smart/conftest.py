@@ -14,8 +14,9 @@ import sqlalchemy as sa
 from argon2 import PasswordHasher
 from fastapi.testclient import TestClient
 
-from fhir_consent.app import create_app
+from fhir_consent.app import create_core_app
 from fhir_consent.config import Settings
+from fhir_consent.consent.workflow import install as install_consent
 from fhir_consent.store.db import Database
 from smart_on_fhir import users as users_module
 from smart_on_fhir.keys import KeySet
@@ -68,8 +69,9 @@ def smart_settings(smart_db: str, smart_keys_dir: Path) -> Settings:
 
 @pytest.fixture
 def world(smart_settings: Settings) -> Iterator[World]:
-    app = create_app(smart_settings)
-    seed_app = create_app(smart_settings.model_copy(update={"open_access": True}))
+    app = create_core_app(smart_settings)
+    seed_app = create_core_app(smart_settings.model_copy(update={"open_access": True}))
+    install_consent(seed_app.state.fhir)  # seeded Consents reach the consent index
     db = Database(smart_settings.database_url, pool_size=2)
     with (
         TestClient(app, base_url=BASE) as http,

@@ -272,6 +272,7 @@ def start_server(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[
             "warning",
         ],
         env={**os.environ, **env},
+        cwd=log_path.parent,  # the server's default key files land there, not in the repo
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -99,6 +99,57 @@ def test_fhirclient_standalone_launch_then_fhirpy(world: World, smart_server: st
         assert r.status_code == 401
 
 
+def _grant(world: World, patient: str, organization: str) -> None:
+    """The patient's active Consent letting ``organization`` see their records (consent.md
+    §2): without it the server's consent layer hides them from the clinic's system."""
+    world.add_resource(
+        {
+            "resourceType": "Consent",
+            "status": "active",
+            "scope": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                        "code": "patient-privacy",
+                    }
+                ]
+            },
+            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+            "patient": {"reference": f"Patient/{patient}"},
+            "policyRule": {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}
+                ]
+            },
+            "provision": {
+                "actor": [
+                    {
+                        "role": {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                    "code": "PRCP",
+                                }
+                            ]
+                        },
+                        "reference": {"reference": organization},
+                    }
+                ],
+                "action": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/consentaction",
+                                "code": "access",
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+    )
+
+
 def _backend_client(world: World) -> tuple[str, dict[str, Any]]:
     rs = generate_signing_key("RS384")
     es = generate_signing_key("ES384")
@@ -121,6 +172,7 @@ def test_backend_services_clinic_system(world: World, smart_server: str) -> None
     from fhirclient.models.patient import Patient
 
     pid, docs = _seed(world)
+    _grant(world, pid, "Organization/clinic")
     cid, keys = _backend_client(world)
     base = f"{smart_server}/fhir"
     with httpx.Client() as http:

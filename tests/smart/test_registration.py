@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from fhir_consent.app import create_app
+from fhir_consent.app import create_core_app
 from fhir_consent.config import Settings
 from smart_on_fhir.keys import generate_signing_key
 from smart_on_fhir.users import User
@@ -86,7 +86,7 @@ def test_registration_with_an_initial_access_token(smart_settings: Settings) -> 
     settings = smart_settings.model_copy(
         update={"registration_token": SecretStr("s3cret-initial-token")}
     )
-    with TestClient(create_app(settings), base_url="https://testserver") as http:
+    with TestClient(create_core_app(settings), base_url="https://testserver") as http:
         body = {"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none"}
         assert http.post(f"{AUTH}/register", json=body).status_code == 401
         ok = http.post(
@@ -99,7 +99,7 @@ def test_registration_with_an_initial_access_token(smart_settings: Settings) -> 
 
 def test_registration_can_be_turned_off(smart_settings: Settings) -> None:
     settings = smart_settings.model_copy(update={"dynamic_registration": False})
-    with TestClient(create_app(settings), base_url="https://testserver") as http:
+    with TestClient(create_core_app(settings), base_url="https://testserver") as http:
         assert http.post(f"{AUTH}/register", json={}).status_code in (404, 405)
         config = http.get("/fhir/.well-known/smart-configuration").json()
         assert "registration_endpoint" not in config

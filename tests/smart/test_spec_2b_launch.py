@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 from fastapi.testclient import TestClient
 
-from fhir_consent.app import create_app
+from fhir_consent.app import create_core_app
 from fhir_consent.config import Settings
 from smart_on_fhir.scopes import parse_scopes
 from smart_on_fhir.tokens import verify_id_token
@@ -141,7 +141,7 @@ def test_confidential_symmetric_client_with_basic_auth(
 def test_smart_tls_plain_http_is_refused(smart_settings: Settings) -> None:
     """``smart_tls``: the authorize and token endpoints refuse plain http from a
     non-loopback host (TLS itself is the proxy's job)."""
-    with TestClient(create_app(smart_settings), base_url="http://fhir.example") as http:
+    with TestClient(create_core_app(smart_settings), base_url="http://fhir.example") as http:
         r = http.post("/auth/token", data={"grant_type": "client_credentials"})
         assert r.status_code == 400
         assert r.json()["error"] == "insecure_transport"
@@ -149,7 +149,7 @@ def test_smart_tls_plain_http_is_refused(smart_settings: Settings) -> None:
         assert r.status_code == 400
         assert "location" not in r.headers
     behind_proxy = smart_settings.model_copy(update={"public_base_url": "https://ehr.example/fhir"})
-    with TestClient(create_app(behind_proxy), base_url="http://10.0.0.5") as http:
+    with TestClient(create_core_app(behind_proxy), base_url="http://10.0.0.5") as http:
         r = http.post("/auth/token", data={"grant_type": "not_a_grant_type"})
         assert r.status_code == 400
         assert r.json()["error"] == "unsupported_grant_type"  # the public URL is https

@@ -1,4 +1,4 @@
-"""Helpers for the patient-app tests: the full application (:func:`fhir_consent.demo.build_app`)
+"""Helpers for the patient-app tests: the full application (:func:`fhir_consent.app.create_app`)
 seeded with the demo data and served by uvicorn on a loopback port in a thread, SMART sign-in
 without a browser, an SSE reader, and Debian's Chromium for Playwright."""
 
@@ -22,8 +22,9 @@ import pytest
 from argon2 import PasswordHasher
 from smart.kit import drive_pages, pkce_pair
 
+from fhir_consent.app import create_app
 from fhir_consent.config import Settings
-from fhir_consent.demo import Demo, build_app, seed
+from fhir_consent.demo import Demo, seed
 from fhir_consent.documents import DocumentSettings
 from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.store.migrate import upgrade
@@ -152,7 +153,7 @@ def live_app(
         _env_file=None, events_poll_interval=0.2, events_heartbeat=0.5
     )
     with cheap_argon2():
-        app = build_app(settings, ledger=ledger, documents=documents, web=web)
+        app = create_app(settings, ledger=ledger, documents=documents, web=web)
         demo = seed(app, base_url=origin, password=PASSWORD, out_dir=tmp / "demo")
         config = uvicorn.Config(
             app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
