@@ -1,15 +1,19 @@
 """The ``fhir-consent`` command.
 
 * ``serve`` and ``migrate``;
-* ``keys init [--smart] [--dir DIR] [--force]`` and ``keys rotate --smart [--alg RS256]``:
-  the SMART signing keys (``keys init`` with no kind flag initializes every kind of key);
+* ``keys init [--smart] [--ledger] [--documents] [--dir DIR] [--force]`` (every kind when no
+  kind flag is given), ``keys rotate --smart [--alg RS256] | --ledger``, ``keys show``: the
+  SMART token signing keys, the ledger key ring and the document master key file;
 * ``users add USERNAME --fhir-user Patient/123 [--password-stdin]``, ``users deactivate``,
   ``users activate``: login accounts (argon2 password hashes);
 * ``clients add --name … --type public|confidential-symmetric|confidential-asymmetric …``,
   ``clients disable``: SMART apps and backend systems; prints the client id (and a generated
   secret, once) as JSON;
 * ``launch create --patient ID [--client CLIENT_ID]``: an EHR launch context; prints the
-  ``launch`` value as JSON.
+  ``launch`` value as JSON;
+* ``ledger verify|relay|status`` (:mod:`fhir_consent.ledger.cli`), ``documents shred|
+  rotate-master-key|rewrap|gc`` (:mod:`fhir_consent.documents.admin`) and ``demo``
+  (:mod:`fhir_consent.demo`).
 
 Admin commands bring the database schema up to date first (idempotent).
 """
@@ -53,33 +57,115 @@ def _database(args: argparse.Namespace) -> Any:
     return Database(settings.database_url, pool_size=1)
 
 
-def _keys_init(args: argparse.Namespace) -> int:
+#: The kinds of keys the server holds, each in its own place (docs/configuration.md).
+_KEY_KINDS = ("smart", "ledger", "documents")
+
+
+def _key_kinds(args: argparse.Namespace) -> list[str] | int:
+    kinds = [kind for kind in _KEY_KINDS if getattr(args, kind, False)] or list(_KEY_KINDS)
+    if getattr(args, "dir", None) and len(kinds) != 1:
+        return _fail("--dir needs exactly one of --smart, --ledger, --documents")
+    return kinds
+
+
+def _init_smart(args: argparse.Namespace) -> dict[str, Any]:
     from smart_on_fhir.cli import init_keys
+
+    directory = args.dir or _settings(args).smart_keys_dir
+    keyset = init_keys(directory, force=args.force)
+    return {"kind": "smart", "directory": str(directory), "kids": list(keyset.kids)}
+
+
+def _init_ledger(args: argparse.Namespace) -> dict[str, Any]:
+    from fhir_consent.crypto import KeyRingError
+    from fhir_consent.ledger.cli import init_keys
+
+    if args.force:  # a new ring would orphan every entry signed so far
+        raise KeyRingError("the ledger key ring is never replaced: use keys rotate --ledger")
+    return init_keys(args.dir)
+
+
+def _init_documents(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from fhir_consent.documents import DocumentSettings
+    from fhir_consent.documents.errors import MasterKeyError
+    from fhir_consent.documents.keys import MasterKeyRing
+
+    settings = DocumentSettings()
+    if settings.master_keys is not None and not args.dir:
+        raise MasterKeyError("FHIR_CONSENT_DOCUMENTS_MASTER_KEYS is set: no key file is used")
+    path = Path(args.dir) / settings.master_key_file.name if args.dir else settings.master_key_file
+    if path.exists():  # replacing it would make every stored document unreadable
+        raise MasterKeyError(
+            f"{path} exists: use 'fhir-consent documents rotate-master-key' to add a key"
+        )
+    ring = MasterKeyRing.load(path, create=True)
+    return {"kind": "documents", "file": str(path), "active_kid": ring.active_kid}
+
+
+def _keys_init(args: argparse.Namespace) -> int:
+    from fhir_consent.crypto import KeyRingError
+    from fhir_consent.documents.errors import MasterKeyError
     from smart_on_fhir.errors import KeyStoreError
 
-    kinds = [kind for kind in ("smart",) if getattr(args, kind)] or ["smart"]
+    kinds = _key_kinds(args)
+    if isinstance(kinds, int):
+        return kinds
+    makers = {"smart": _init_smart, "ledger": _init_ledger, "documents": _init_documents}
+    status = 0
     for kind in kinds:
-        directory = args.dir or _settings(args).smart_keys_dir
         try:
-            keyset = init_keys(directory, force=args.force)
-        except KeyStoreError as error:
-            return _fail(str(error))
-        _print_json({"kind": kind, "directory": str(directory), "kids": list(keyset.kids)})
-    return 0
+            _print_json(makers[kind](args))
+        except (KeyStoreError, KeyRingError, MasterKeyError) as error:
+            status = _fail(f"{kind}: {error}")
+    return status
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:
+    from fhir_consent.crypto import KeyRingError
+    from fhir_consent.ledger.cli import rotate_keys as rotate_ledger
     from smart_on_fhir.cli import rotate_keys
     from smart_on_fhir.errors import KeyStoreError
 
-    if not args.smart:
-        return _fail("say which keys to rotate (--smart)")
-    directory = args.dir or _settings(args).smart_keys_dir
+    if args.smart == args.ledger:
+        return _fail(
+            "say which keys to rotate: --smart or --ledger "
+            "(document master keys: fhir-consent documents rotate-master-key)"
+        )
     try:
+        if args.ledger:
+            _print_json(rotate_ledger(args.dir))
+            return 0
+        directory = args.dir or _settings(args).smart_keys_dir
         keyset = rotate_keys(directory, args.alg)
-    except KeyStoreError as error:
+    except (KeyStoreError, KeyRingError) as error:
         return _fail(str(error))
     _print_json({"kind": "smart", "directory": str(directory), "kids": list(keyset.kids)})
+    return 0
+
+
+def _keys_show(args: argparse.Namespace) -> int:
+    """Public keys and key ids only: never a secret."""
+    from fhir_consent.crypto import KeyRingError
+    from fhir_consent.ledger.config import LedgerSettings
+    from fhir_consent.ledger.service import load_keyring
+    from smart_on_fhir.errors import KeyStoreError
+    from smart_on_fhir.keys import KeySet
+
+    shown: dict[str, Any] = {}
+    try:
+        if not args.ledger:
+            keyset = KeySet.load(args.dir or _settings(args).smart_keys_dir)
+            shown["smart"] = keyset.jwks()
+        if not args.smart:
+            ledger = LedgerSettings(auto_init_keys=False)
+            if args.dir:
+                ledger = ledger.model_copy(update={"keys_dir": args.dir})
+            shown["ledger"] = load_keyring(ledger).public_bundle()
+    except (KeyStoreError, KeyRingError) as error:
+        return _fail(str(error))
+    _print_json(shown)
     return 0
 
 
@@ -224,17 +310,28 @@ def _launch_create(args: argparse.Namespace) -> int:
 
 
 def _add_admin_commands(sub: Any) -> None:
-    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys", required=True)
-    init = keys.add_parser("init", help="create keys (every kind unless a kind flag is given)")
+    keys = sub.add_parser("keys", help="server keys: SMART token signing, ledger, documents")
+    kinds = keys.add_subparsers(dest="keys", required=True)
+    init = kinds.add_parser("init", help="create keys (every kind unless kind flags are given)")
     init.add_argument("--smart", action="store_true", help="the SMART token signing keys")
-    init.add_argument("--dir", help="key directory (default: FHIR_CONSENT_SMART_KEYS_DIR)")
-    init.add_argument("--force", action="store_true", help="replace existing keys")
+    init.add_argument("--ledger", action="store_true", help="the ledger key ring")
+    init.add_argument("--documents", action="store_true", help="the document master key file")
+    init.add_argument("--dir", help="key directory (with exactly one kind flag)")
+    init.add_argument(
+        "--force", action="store_true", help="replace existing SMART keys (never the others)"
+    )
     init.set_defaults(func=_keys_init)
-    rotate = keys.add_parser("rotate", help="new current key; old ones still verify")
+    rotate = kinds.add_parser("rotate", help="new current key; old ones still verify")
     rotate.add_argument("--smart", action="store_true")
-    rotate.add_argument("--alg", default="RS256", choices=["RS256", "ES384"])
+    rotate.add_argument("--ledger", action="store_true")
+    rotate.add_argument("--alg", default="RS256", choices=["RS256", "ES384"], help="--smart")
     rotate.add_argument("--dir")
     rotate.set_defaults(func=_keys_rotate)
+    show = kinds.add_parser("show", help="public keys and key ids (SMART and ledger)")
+    show.add_argument("--smart", action="store_true")
+    show.add_argument("--ledger", action="store_true")
+    show.add_argument("--dir")
+    show.set_defaults(func=_keys_show)
 
     users = sub.add_parser("users", help="login accounts").add_subparsers(
         dest="users", required=True
@@ -295,6 +392,17 @@ def _add_admin_commands(sub: Any) -> None:
     create.set_defaults(func=_launch_create)
 
 
+def _add_feature_commands(sub: Any) -> None:
+    """``ledger``, ``documents`` and ``demo``: each layer's own commands."""
+    from fhir_consent import demo
+    from fhir_consent.documents import admin
+    from fhir_consent.ledger import cli as ledger_cli
+
+    ledger_cli.add_parser(sub, keys=False)
+    admin.add_parser(sub)
+    demo.add_parser(sub)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -352,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     migrate.set_defaults(func=_migrate)
 
     _add_admin_commands(sub)
+    _add_feature_commands(sub)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)
