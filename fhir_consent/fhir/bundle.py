@@ -8,6 +8,13 @@ rewritten first (references, uri/url elements, narrative links). Overlapping ide
 placeholders no entry resolves fail the transaction. Any failure rolls the whole transaction
 back and answers with that entry's error, naming the entry. A batch runs each entry in its
 own transaction and reports each entry's outcome.
+
+Every entry is checked exactly like the request it stands for, through the
+:class:`EntryGuard` of the request's token (SMART App Launch: batch and transaction entries
+are authorized one by one): the scope for the entry's interaction, the token's revocation in
+the entry's transaction, the patient compartment and the consent filter on reads, searches
+(before paging and counting) and writes, and the audit trail. In a transaction, an entry that
+may not run fails the whole transaction; in a batch, only that entry.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
@@ -31,9 +38,10 @@ from fhir_consent.fhir.query import parse_search
 from fhir_consent.fhir.searching import execute_search
 from fhir_consent.fhir.services import ResourceService, WriteResult, format_instant
 from fhir_consent.fhir.validation import SUPPORTED_TYPES, validate_resource
-from fhir_consent.store.repository import CurrentRow, Repository
+from fhir_consent.store.repository import CurrentRow, Repository, VersionRow
+from smart_on_fhir.scopes import Interaction
 
-__all__ = ["BundleContext", "process_bundle"]
+__all__ = ["BundleContext", "EntryGuard", "process_bundle"]
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 _STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content"}
@@ -42,14 +50,41 @@ _PATCH_TYPE = "application/json-patch+json"
 _QUOTED = re.compile(r"""(["'])([^"'<>]*)\1""")  # a quoted attribute value in a narrative div
 
 
+class EntryGuard(Protocol):
+    """The request's token applied to one entry at a time (implemented by the FHIR routes).
+
+    A *gate* is what :meth:`gate` decided for an entry before it touches the database; a
+    *visibility* is what :meth:`open` computed inside the entry's transaction."""
+
+    def gate(self, rtype: str, interaction: Interaction, audit_name: str) -> Any:
+        """The scope check (raises ``Forbidden``, audited) for ``interaction`` on ``rtype``."""
+
+    def open(self, conn: Connection, gate: Any) -> Any:
+        """In the entry's transaction: the token is still active (raises ``Unauthorized``),
+        then the visibility (compartment, granular scopes, consent) to guard the entry with."""
+
+    def restrict(self, gate: Any, visibility: Any) -> Callable[[str], Any]:
+        """The SQL restriction of a search entry, per resource type (and included types)."""
+
+    def written(self, conn: Connection, gate: Any, interaction: str, row: CurrentRow) -> None:
+        """Audit a change in its own transaction."""
+
+    def disclosed(self, gate: Any, rows: list[CurrentRow] | list[VersionRow]) -> None:
+        """Audit what a read or search entry returned (after its transaction committed)."""
+
+    def refused(self, gate: Any, hidden: Any) -> None:
+        """Audit a refused attempt on an existing record (the patient sees it)."""
+
+
 @dataclass(slots=True)
 class BundleContext:
     """What bundle processing needs from the application."""
 
     base: str
-    service: Callable[[Connection], ResourceService]
+    service: Callable[[Connection, Any], ResourceService]  # (conn, visibility guard)
     write: Callable[[], Any]  # context manager → Connection (a write transaction)
     read: Callable[[], Any]  # context manager → Connection (a read transaction)
+    guard: EntryGuard
     default_count: int = 20
     max_count: int = 1000
     return_minimal: bool = False
@@ -71,6 +106,8 @@ class _Entry:
     rid_assigned: str | None = None
     aliases: list[str] = field(default_factory=list)  # links that name this entry's resource
     existing: CurrentRow | None = None  # a transaction's conditional create that matched
+    gate: Any = None  # what the entry's token may do (EntryGuard.gate)
+    disclosed: list[Any] = field(default_factory=list)  # rows a read or search returned
 
 
 def _optional_str(request: dict[str, Any], key: str, i: int) -> str | None:
@@ -212,8 +249,50 @@ def _patch_ops(resource: dict[str, Any]) -> Any:
         raise BadRequest("The PATCH entry's Binary.data is not a base64 JSON Patch") from None
 
 
+#: The SMART interaction each entry stands for, and its R4 restful-interaction code.
+def _interaction(e: _Entry) -> tuple[Interaction, str]:
+    if e.method in ("GET", "HEAD"):
+        if e.rid is None:
+            return Interaction.SEARCH, "search-type"
+        return Interaction.READ, "vread" if e.vid else "read"
+    return {
+        "POST": (Interaction.CREATE, "create"),
+        "PUT": (Interaction.UPDATE, "update"),
+        "PATCH": (Interaction.UPDATE, "patch"),
+        "DELETE": (Interaction.DELETE, "delete"),
+    }[e.method]
+
+
+def _gate(ctx: BundleContext, e: _Entry) -> None:
+    interaction, name = _interaction(e)
+    e.gate = ctx.guard.gate(e.rtype, interaction, name)
+
+
 def _run_entry(conn: Connection, ctx: BundleContext, e: _Entry) -> dict[str, Any]:
-    svc = ctx.service(conn)
+    """Run one entry inside ``conn``'s transaction, guarded by its token's visibility."""
+    visibility = ctx.guard.open(conn, e.gate)
+    try:
+        return _execute(conn, ctx, e, visibility)
+    except FHIRError as exc:
+        if exc.hidden is not None:
+            ctx.guard.refused(e.gate, exc.hidden)
+        raise
+
+
+def _write(conn: Connection, ctx: BundleContext, e: _Entry, result: WriteResult) -> dict[str, Any]:
+    name = "update" if e.method == "PUT" else "patch" if e.method == "PATCH" else "create"
+    if result.created:
+        name = "create"
+    if result.existing:
+        name = "read"  # a conditional create that matched discloses the match
+    ctx.guard.written(conn, e.gate, name, result.row)
+    return _written(ctx.base, result, ctx.return_minimal)
+
+
+def _execute(
+    conn: Connection, ctx: BundleContext, e: _Entry, visibility: Any
+) -> dict[str, Any]:
+    svc = ctx.service(conn, visibility)
     if e.method == "POST":
         assert e.resource is not None
         if e.rid is not None:
@@ -224,11 +303,11 @@ def _run_entry(conn: Connection, ctx: BundleContext, e: _Entry) -> dict[str, Any
         else:
             criteria = _criteria(e.if_none_exist) if e.if_none_exist is not None else None
             result = svc.create(e.rtype, e.resource, if_none_exist=criteria, res_id=e.rid_assigned)
-        return _written(ctx.base, result, ctx.return_minimal)
+        return _write(conn, ctx, e, result)
     if e.method == "PUT":
         assert e.resource is not None and e.rid is not None
         result = svc.update(e.rtype, e.rid, e.resource, if_match=parse_if_match(e.if_match))
-        return _written(ctx.base, result, ctx.return_minimal)
+        return _write(conn, ctx, e, result)
     if e.method == "PATCH":
         assert e.resource is not None and e.rid is not None
         # Lock before the patch reads the current version: otherwise a concurrent writer
@@ -237,10 +316,13 @@ def _run_entry(conn: Connection, ctx: BundleContext, e: _Entry) -> dict[str, Any
         result = svc.patch(
             e.rtype, e.rid, _patch_ops(e.resource), if_match=parse_if_match(e.if_match)
         )
-        return _written(ctx.base, result, ctx.return_minimal)
+        return _write(conn, ctx, e, result)
     if e.method == "DELETE":
         assert e.rid is not None
-        return _deleted(svc.delete(e.rtype, e.rid))
+        deleted = svc.delete(e.rtype, e.rid)
+        if deleted is not None:
+            ctx.guard.written(conn, e.gate, "delete", deleted)
+        return _deleted(deleted)
     # GET / HEAD
     if e.rid is None:
         parsed = parse_search(
@@ -250,11 +332,13 @@ def _run_entry(conn: Connection, ctx: BundleContext, e: _Entry) -> dict[str, Any
             max_count=ctx.max_count,
             now=svc.clock(),
         )
-        body = execute_search(conn, parsed, ctx.base)
+        restrict = ctx.guard.restrict(e.gate, visibility)
+        body = execute_search(conn, parsed, ctx.base, restrict, e.disclosed)
         out: dict[str, Any] = {"response": {"status": _status(200)}}
     else:
         row = svc.vread(e.rtype, e.rid, e.vid) if e.vid else svc.read(e.rtype, e.rid)
         assert row.content is not None
+        e.disclosed.append(row)
         body = row.content
         out = {
             "fullUrl": f"{ctx.base}/{e.rtype}/{e.rid}",
@@ -303,11 +387,15 @@ def process_bundle(bundle: dict[str, Any], ctx: BundleContext) -> dict[str, Any]
 
 def _batch_entry(ctx: BundleContext, e: _Entry) -> dict[str, Any]:
     try:
+        _gate(ctx, e)
         scope = ctx.read() if e.method in ("GET", "HEAD") else ctx.write()
         with scope as conn:
-            return _run_entry(conn, ctx, e)
+            result = _run_entry(conn, ctx, e)
     except FHIRError as exc:
         return _error_entry(exc)
+    if e.disclosed:
+        ctx.guard.disclosed(e.gate, e.disclosed)
+    return result
 
 
 # -- transactions -------------------------------------------------------------------------
@@ -384,7 +472,9 @@ def _resolve_conditional(
     """Decide a conditional create once, before any POST runs, so that links to it can be
     rewritten: a single match becomes the entry's identity; none means create."""
     assert e.if_none_exist is not None
-    matches = ctx.service(conn).conditional_matches(e.rtype, _criteria(e.if_none_exist))
+    visibility = ctx.guard.open(conn, e.gate)
+    service = ctx.service(conn, visibility)
+    matches = service.conditional_matches(e.rtype, _criteria(e.if_none_exist))
     if len(matches) > 1:
         raise PreconditionFailed("ifNoneExist matched more than one resource")
     e.if_none_exist = None  # decided: never re-evaluated against this transaction's writes
@@ -401,6 +491,9 @@ def _resolve_conditional(
 
 
 def _transaction(ctx: BundleContext, entries: list[_Entry]) -> list[dict[str, Any]]:
+    for e in entries:  # every entry may run, or none does
+        with _blame(e):
+            _gate(ctx, e)
     mapping = _assign_ids(ctx.base, entries)
     touched = _check_overlaps(entries)
     results: dict[int, dict[str, Any]] = {}
@@ -426,4 +519,7 @@ def _transaction(ctx: BundleContext, entries: list[_Entry]) -> list[dict[str, An
         for e in sorted(rest, key=lambda x: (_ORDER[x.method], x.index)):
             with _blame(e):
                 results[e.index] = _run_entry(conn, ctx, e)
+    for e in entries:  # committed: what the reads disclosed goes to the audit trail
+        if e.disclosed:
+            ctx.guard.disclosed(e.gate, e.disclosed)
     return [results[i] for i in range(len(entries))]

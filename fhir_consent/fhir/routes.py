@@ -26,7 +26,7 @@ from fhir_consent.auth import (
     require,
 )
 from fhir_consent.config import Settings
-from fhir_consent.errors import BadRequest, FHIRError, Issue, operation_outcome
+from fhir_consent.errors import BadRequest, FHIRError, Forbidden, Issue, operation_outcome
 from fhir_consent.fhir import searchparams as sp
 from fhir_consent.fhir.bundle import BundleContext, process_bundle
 from fhir_consent.fhir.capability import CapabilityExtender, capability_statement
@@ -61,7 +61,7 @@ from fhir_consent.store.db import Database
 from fhir_consent.store.repository import CurrentRow, Repository, VersionRow
 from smart_on_fhir.scopes import Interaction, ScopeDecision
 
-__all__ = ["FHIRContext", "build_router"]
+__all__ = ["FHIRContext", "build_router", "entry_gate"]
 
 T = TypeVar("T")
 _PATCH_TYPES = frozenset({"application/json-patch+json"})
@@ -220,17 +220,7 @@ def build_router() -> APIRouter:
     ) -> Gate:
         access = await ctx.authenticate(request)
         current_access.set(access)
-        now = ctx.clock()
-        try:
-            decision = require(access, rtype, interaction)
-        except FHIRError:
-            sink = None if access.is_open else ctx.audit
-            if sink is not None:
-                sink.record_access(
-                    interaction.value, access, [], now, permitted=False, reason="scope", query=rtype
-                )
-            raise
-        return Gate(access, decision, rtype, now, _AUDIT_NAMES.get(interaction, interaction.value))
+        return entry_gate(ctx, access, rtype, interaction, _AUDIT_NAMES.get(interaction))
 
     @router.get("/metadata")
     async def metadata(request: Request, ctx: Ctx) -> Response:
@@ -247,12 +237,15 @@ def build_router() -> APIRouter:
     @router.post("/")
     async def bundle(request: Request, ctx: Ctx) -> Response:
         check_accept(request)
+        access = await ctx.authenticate(request)
+        current_access.set(access)
         body = await _body(request)
         bctx = BundleContext(
             base=ctx.base(request),
             service=ctx.service,
             write=ctx.db.write,
             read=ctx.db.read,
+            guard=_BundleGuard(ctx, access),
             default_count=ctx.settings.default_page_size,
             max_count=ctx.settings.max_page_size,
             return_minimal=parse_prefer(request).get("return") == "minimal",
@@ -469,6 +462,72 @@ def build_router() -> APIRouter:
         return fhir_response(body)
 
     return router
+
+
+#: AuditEvents are the server's own record (issue 4 §5): never written through the API by an
+#: authenticated caller. Open access (development) may create them, e.g. to load examples.
+_AUDIT_WRITES = frozenset({Interaction.CREATE, Interaction.UPDATE, Interaction.DELETE})
+
+
+def entry_gate(
+    ctx: FHIRContext,
+    access: AccessContext,
+    rtype: str,
+    interaction: Interaction,
+    audit_name: str | None = None,
+) -> Gate:
+    """What ``access`` may do with ``interaction`` on ``rtype`` (403, audited, when nothing),
+    for a request or one entry of a batch/transaction Bundle."""
+    now = ctx.clock()
+    try:
+        if rtype == "AuditEvent" and interaction in _AUDIT_WRITES and not access.is_open:
+            raise Forbidden("AuditEvents are recorded by the server and cannot be written")
+        decision = require(access, rtype, interaction)
+    except FHIRError:
+        sink = None if access.is_open else ctx.audit
+        if sink is not None:
+            sink.record_access(
+                interaction.value, access, [], now, permitted=False, reason="scope", query=rtype
+            )
+        raise
+    return Gate(access, decision, rtype, now, audit_name or interaction.value)
+
+
+class _BundleGuard:
+    """:class:`~fhir_consent.fhir.bundle.EntryGuard` of one Bundle request's token."""
+
+    def __init__(self, ctx: FHIRContext, access: AccessContext) -> None:
+        self.ctx = ctx
+        self.access = access
+
+    def gate(self, rtype: str, interaction: Interaction, audit_name: str) -> Gate:
+        return entry_gate(self.ctx, self.access, rtype, interaction, audit_name)
+
+    def open(self, conn: Connection, gate: Gate) -> Visibility:
+        if self.ctx.token_check is not None and not gate.access.is_open:
+            self.ctx.token_check(conn, gate.access)
+        return self.ctx.visibility(conn, gate)
+
+    def restrict(self, gate: Gate, visibility: Visibility) -> Callable[[str], Any]:
+        return search_restrictions(gate.access, gate.rtype, gate.now, visibility.consent)
+
+    def written(self, conn: Connection, gate: Gate, interaction: str, row: CurrentRow) -> None:
+        _audit_write(self.ctx, conn, gate, interaction, row)
+
+    def disclosed(self, gate: Gate, rows: list[CurrentRow] | list[VersionRow]) -> None:
+        _audit_read(self.ctx, gate, gate.interaction, rows)
+
+    def refused(self, gate: Gate, hidden: Any) -> None:
+        sink = self.ctx.audited(gate)
+        if sink is not None:
+            sink.record_access(
+                gate.interaction,
+                gate.access,
+                [hidden],
+                gate.now,
+                permitted=False,
+                reason="not permitted",
+            )
 
 
 def _audit_read(

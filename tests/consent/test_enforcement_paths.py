@@ -162,12 +162,6 @@ def test_binary_content_follows_its_documents(env: Env) -> None:
     assert env.c.get(f"/fhir/Binary/{binary}").status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bundle.py runs batch/transaction entries without authentication, scopes or the "
-    "consent guard: process_bundle must build a Gate per entry and pass ctx.visibility(...) "
-    "to ctx.service(conn, guard) (lead's change, see the report)",
-)
 def test_batch_entries_are_filtered(env: Env) -> None:
     doc = held_document(env)
     env.caller.be(CLINIC)
@@ -384,11 +378,6 @@ def test_data_period_and_security_labels_are_filtered_in_sql(env: Env) -> None:
         assert env.get(f"DocumentReference/{hidden}").status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AuditEvents must never be written through the API (issue 4 §5): routes.py should "
-    "refuse create/update/patch/delete of AuditEvent with 405 before any write (lead's change)",
-)
 def test_audit_events_are_not_editable_through_the_api(env: Env) -> None:
     env.caller.be(Caller.patient("pp"))
     forged = {

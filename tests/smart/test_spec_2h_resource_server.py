@@ -1,6 +1,7 @@
 """Spec §2H (RFC 6750 negatives the kits do not cover) and the FHIR API's enforcement of
 SMART scopes: 401 challenges, 403 OperationOutcomes, patient compartments, public
-``/metadata``, and the changes still needed in ``fhir_consent/fhir`` (strict xfails)."""
+``/metadata``, and batch/transaction Bundles checked entry by entry like the requests they
+stand for."""
 
 from __future__ import annotations
 
@@ -169,14 +170,9 @@ def test_fhir_api_cors_for_registered_origins(world: World, peter: tuple[str, Us
     assert "Authorization" in pre.headers["access-control-allow-headers"]
 
 
-# -- changes needed in fhir_consent/fhir (owned by the lead): strict xfails -----------------
+# -- batch and transaction Bundles are checked entry by entry -------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fhir_consent/fhir/routes.py bundle(): POST [base] never calls ctx.authenticate, "
-    "so batch/transaction Bundles run without a token",
-)
 def test_bundle_without_token_is_401(world: World) -> None:
     bundle = {
         "resourceType": "Bundle",
@@ -192,12 +188,6 @@ def test_bundle_without_token_is_401(world: World) -> None:
     assert r.status_code == 401
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fhir_consent/fhir/bundle.py: entries are not checked against the token's scopes "
-    "(SAL: batch/transaction are checked entry by entry); needs the AccessContext in "
-    "BundleContext and require()/visibility per entry",
-)
 def test_bundle_entries_are_checked_per_scope(world: World, peter: tuple[str, User]) -> None:
     pid, _ = peter
     client = world.add_client().client
@@ -215,3 +205,121 @@ def test_bundle_entries_are_checked_per_scope(world: World, peter: tuple[str, Us
     assert r.status_code == 200
     assert r.json()["entry"][0]["response"]["status"].startswith("403")
     assert world.get(f"Patient/{pid}", token).status_code == 200
+
+
+def _peter_token(world: World, scope: str) -> tuple[str, str]:
+    """``(client_id, access token)`` of Peter's login through a new app, for ``scope``."""
+    client = world.add_client(scope=scope).client
+    token: str = world.token(client.client_id, username="peter", scope=scope)["access_token"]
+    return client.client_id, token
+
+
+def _post_bundle(world: World, token: str, bundle: dict[str, object]) -> dict[str, object]:
+    r = world.http.post(
+        f"{FHIR}", json=bundle, headers={"authorization": f"Bearer {token}", **FHIR_JSON}
+    )
+    assert r.status_code in (200, 403), r.text
+    return {"status": r.status_code, **r.json()}
+
+
+def test_transaction_with_one_forbidden_entry_writes_nothing(
+    world: World, peter: tuple[str, User]
+) -> None:
+    pid, _ = peter
+    _, token = _peter_token(world, "launch/patient patient/Patient.rus")
+    before = world.get(f"Patient/{pid}", token).json()["meta"]["versionId"]
+    transaction = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "request": {"method": "PUT", "url": f"Patient/{pid}"},
+                "resource": {"resourceType": "Patient", "id": pid, "gender": "male"},
+            },
+            {  # no scope allows creating a Practitioner
+                "request": {"method": "POST", "url": "Practitioner"},
+                "resource": {"resourceType": "Practitioner"},
+            },
+        ],
+    }
+    out = _post_bundle(world, token, transaction)
+    assert out["status"] == 403 and out["resourceType"] == "OperationOutcome"
+    assert "Bundle.entry[1]" in str(out["issue"])
+    after = world.get(f"Patient/{pid}", token).json()
+    assert after["meta"]["versionId"] == before and "gender" not in after
+
+
+def test_batch_search_entries_stay_in_the_patients_compartment(
+    world: World, peter: tuple[str, User]
+) -> None:
+    pid, _ = peter
+    other = world.add_patient(family="Other")
+    _, token = _peter_token(world, "launch/patient patient/Patient.rs")
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "GET", "url": "Patient"}},
+            {"request": {"method": "GET", "url": f"Patient/{other}"}},
+            {"request": {"method": "GET", "url": f"Patient/{pid}"}},
+        ],
+    }
+    out = _post_bundle(world, token, batch)
+    search, foreign, own = out["entry"]  # type: ignore[misc]
+    assert search["resource"]["total"] == 1
+    assert [e["resource"]["id"] for e in search["resource"]["entry"]] == [pid]
+    assert foreign["response"]["status"][:3] in ("403", "404")
+    assert "resource" not in foreign
+    assert own["response"]["status"].startswith("200") and own["resource"]["id"] == pid
+
+
+def test_a_revoked_token_cannot_run_a_bundle(world: World, peter: tuple[str, User]) -> None:
+    pid, _ = peter
+    client_id, token = _peter_token(world, "launch/patient patient/Patient.rs")
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"request": {"method": "GET", "url": f"Patient/{pid}"}}],
+    }
+    assert _post_bundle(world, token, batch)["entry"][0]["response"]["status"].startswith("200")  # type: ignore[index]
+    revoked = world.http.post(
+        f"{FHIR.rsplit('/', 1)[0]}/auth/revoke",
+        data={"token": token, "client_id": client_id},
+    )
+    assert revoked.status_code == 200
+    out = _post_bundle(world, token, batch)
+    assert out["entry"][0]["response"]["status"].startswith("401")  # type: ignore[index]
+    assert "resource" not in out["entry"][0]  # type: ignore[index]
+
+
+def test_audit_events_cannot_be_written_in_a_bundle(
+    world: World, peter: tuple[str, User]
+) -> None:
+    pid, _ = peter
+    _, token = _peter_token(world, "launch/patient patient/*.cruds")
+    forged = {
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110110"},
+        "recorded": "2015-06-01T00:00:00Z",
+        "agent": [{"who": {"reference": f"Patient/{pid}"}, "requestor": True}],
+        "source": {"observer": {"display": "forged"}},
+        "entity": [{"what": {"reference": f"Patient/{pid}"}}],
+    }
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"request": {"method": "POST", "url": "AuditEvent"}, "resource": forged}],
+    }
+    out = _post_bundle(world, token, batch)
+    assert out["entry"][0]["response"]["status"].startswith("403")  # type: ignore[index]
+    direct = world.http.post(
+        f"{FHIR}/AuditEvent",
+        json=forged,
+        headers={"authorization": f"Bearer {token}", **FHIR_JSON},
+    )
+    assert direct.status_code == 403
+    found = world.get("AuditEvent?source=forged", token)
+    assert all(
+        e["resource"]["source"]["observer"].get("display") != "forged"
+        for e in found.json().get("entry", [])
+    )
