@@ -6,6 +6,7 @@ tests skip locally and FAIL under ``CI=true``."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,10 @@ def test_engine_publishes_and_confirms_on_anvil(anvil: Anvil) -> None:
     assert engine.fit(items) == 100
     params = engine.prepare(items)
     txid = engine.publish(items, params)
-    st = engine.status(txid)
-    assert st.known and st.height is not None  # anvil mines at once
+    deadline = time.monotonic() + 10  # anvil automines, but a loaded machine may lag a beat
+    while (st := engine.status(txid)).height is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert st.known and st.height is not None
     assert engine.fetch(txid) == {i.seq: i.data for i in items}
     assert engine.find(items, params) == txid  # the nonce was used by exactly this batch
     with pytest.raises(StaleParameters):
