@@ -84,6 +84,7 @@ from fhir_consent.fhir.http import (
 from fhir_consent.fhir.routes import FHIRContext
 from fhir_consent.fhir.services import WriteResult
 from fhir_consent.fhir.validation import is_valid_id, parse_json_body
+from fhir_consent.requestctx import current_access
 from fhir_consent.store.repository import CurrentRow, Repository
 from smart_on_fhir.scopes import Interaction
 
@@ -282,6 +283,7 @@ def build_router() -> APIRouter:
         """Create (``rid`` None) or update a Binary from raw bytes or FHIR JSON."""
         check_accept(request)
         access = await docs.fhir.authenticate(request)
+        current_access.set(access)  # the write hooks and the ledger see who is calling
         require(access, "Binary", interaction)
         ctype = _content_type(request)
         if_match = parse_if_match(request.headers.get("if-match")) if rid else None
@@ -366,6 +368,7 @@ def build_router() -> APIRouter:
         if not is_valid_id(rid):
             raise BadRequest("The resource id is not a valid FHIR id")
         access = await docs.fhir.authenticate(request)
+        current_access.set(access)  # the write hooks and the ledger see who is calling
         require(access, "Binary", Interaction.DELETE)
 
         def run(conn: Connection) -> CurrentRow | None:
@@ -393,6 +396,7 @@ def build_router() -> APIRouter:
         if not is_valid_id(rid):
             raise BadRequest("The resource id is not a valid FHIR id")
         access = await docs.fhir.authenticate(request)
+        current_access.set(access)  # the write hooks and the ledger see who is calling
 
         def audit(outcome: Outcome, prepared: OpenedBinary | None = None, **kw: Any) -> None:
             info = prepared.info if prepared else None

@@ -8,10 +8,13 @@ impossible. It appends the entry to the embedded log (allocating the gap-free ``
 the leaf to the Merkle tree) and, when an external engine is configured, an outbox row the
 relay later anchors.
 
-Who made the change: :data:`current_actor` is a :class:`contextvars.ContextVar` the FHIR layer
-sets per request (e.g. ``"Practitioner/123"`` or ``"client:my-app"``) before it runs the write;
-it travels only inside the sealed box (ledger.md §1). Unset, it is ``"unknown"``. Starlette's
-``run_in_threadpool`` copies the context, so setting it in the request task is enough.
+Who made the change travels only inside the sealed box (ledger.md §1): :data:`current_actor`
+when a caller set it explicitly, otherwise the request's caller (:data:`fhir_consent.
+requestctx.current_access`, set by the FHIR routes once the token is verified) —
+its ``fhirUser`` (``"Practitioner/123"``), else its client (``"client:my-app"``, plus the
+Organization a clinic system is bound to), else ``"open-access"`` for the development mode.
+Starlette's ``run_in_threadpool`` copies the context, so setting it in the request task is
+enough.
 """
 
 from __future__ import annotations
@@ -41,11 +44,13 @@ from fhir_consent.fhir.services import WriteEvent
 from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.ledger.embedded import EmbeddedLog, NewEntry
 from fhir_consent.ledger.entry import KINDS, event_for_consent
+from fhir_consent.requestctx import current_access
 
 __all__ = [
     "NO_SUBJECT",
     "Ledger",
     "LedgerListener",
+    "actor_of_request",
     "build_ledger",
     "current_actor",
     "load_keyring",
@@ -62,6 +67,20 @@ current_actor: ContextVar[str] = ContextVar("fhir_consent_ledger_actor", default
 NO_SUBJECT: Final = "urn:fhir-consent:no-subject"
 
 _REF_TAIL = re.compile(r"(?:^|/)([A-Za-z]{1,64}/[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]*)?/?$")
+
+
+def actor_of_request() -> str:
+    """Who is making the current change (see the module docstring)."""
+    explicit = current_actor.get()
+    if explicit != "unknown":
+        return explicit
+    access = current_access.get()
+    if access.fhir_user:
+        return access.fhir_user
+    if access.client_id:
+        org = f" ({access.client_organization})" if access.client_organization else ""
+        return f"client:{access.client_id}{org}"
+    return "open-access" if access.is_open else "unknown"
 
 
 def patient_reference(resource: dict[str, Any] | None) -> str:
@@ -124,7 +143,7 @@ class LedgerListener:
         self.log = log
 
     def __call__(self, conn: Connection, event: WriteEvent) -> None:
-        item = new_entry_for(event, current_actor.get())
+        item = new_entry_for(event, actor_of_request())
         if item is not None:
             self.log.append(conn, [item])
 

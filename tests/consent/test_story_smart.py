@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from argon2 import PasswordHasher
 from consent_kit import LiveServer, document, inquiry
 from fastapi.testclient import TestClient
@@ -30,6 +31,8 @@ from fhir_consent.audit import AuditSink
 from fhir_consent.config import Settings
 from fhir_consent.documents import DocumentSettings
 from fhir_consent.ledger.config import LedgerSettings
+from fhir_consent.ledger.entry import entry_from_bytes, open_sealed
+from fhir_consent.ledger.tables import ledger_entry
 from fhir_consent.store.db import Database
 from smart_on_fhir import users as users_module
 from smart_on_fhir.client_auth import ASSERTION_TYPE, sign_client_assertion
@@ -199,3 +202,17 @@ def test_full_story_with_real_tokens(story: tuple[World, LiveServer, AuditSink])
         and any(a["who"].get("reference") == "Organization/clinic" for a in e["agent"])
     ]
     assert sorted(map(len, disclosed)) == [0, 2]
+
+    # every step is on the ledger, and the sealed box (for the RMS) says who took it
+    ring = server.server.config.app.state.ledger.keyring
+    assert ring.rms_keypair is not None
+    with world.db.read() as conn:
+        rows = conn.execute(
+            sa.select(ledger_entry.c.data).where(ledger_entry.c.ref.like(f"Consent/{cid}/%"))
+        ).all()
+    steps = {}
+    for (raw,) in rows:
+        opened = open_sealed(entry_from_bytes(bytes(raw)), ring.rms_keypair)
+        steps[opened["resource"]["status"]] = opened["actor"]
+    assert steps["proposed"].startswith("client:") and "(Organization/clinic)" in steps["proposed"]
+    assert steps["active"] == patient and steps["inactive"] == patient

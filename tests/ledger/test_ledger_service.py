@@ -107,8 +107,9 @@ def test_consent_workflow_writes_one_entry_per_version(
     opened = open_sealed(entry_from_bytes(_canon(entries[1])), ring.rms_keypair)
     assert opened["actor"] == "Patient/p1"
     assert opened["resource"]["status"] == "active"
+    # the open-access (development) client that asked is named as such
     assert open_sealed(entry_from_bytes(_canon(entries[0])), ring.rms_keypair)["actor"] == (
-        "unknown"
+        "open-access"
     )
     report = verify_ledger(Database(db_url), ring.verify_keys(), lsettings.origin)
     assert report.ok, report.problems
