@@ -1,4 +1,5 @@
-"""Shared helpers of the document tests: an app with the document store installed, a
+"""Shared helpers of the document tests: an app with the document store (and the ledger)
+installed, a
 switchable caller (injected authenticator, as tests/fhir/test_visibility.py does), sample PDF
 and CDA content, and a dump of every byte the store keeps at rest."""
 
@@ -24,6 +25,8 @@ from fhir_consent.auth import AccessContext
 from fhir_consent.config import Settings
 from fhir_consent.documents import Documents, DocumentSettings, DownloadEvent, install
 from fhir_consent.documents.tables import document_blobs, document_chunks, document_data_keys
+from fhir_consent.ledger.api import install as install_ledger
+from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.store.tables import resource_versions, resources
 from smart_on_fhir.scopes import parse_scopes
 
@@ -64,6 +67,9 @@ class Caller:
         self.access = AccessContext(scopes=None)
 
 
+LEDGER_ORIGIN = "documents.example/ledger"
+
+
 @dataclass
 class DocEnv:
     client: TestClient
@@ -101,6 +107,12 @@ def make_env(
     app = create_core_app(settings)
     caller = Caller()
     app.state.fhir.authenticate = caller
+    ledger = LedgerSettings(  # every DocumentReference version gets its entry (issue 6)
+        _env_file=None,  # type: ignore[call-arg]
+        keys_dir=str(tmp_path / "ledger-keys"),
+        origin=LEDGER_ORIGIN,
+    )
+    install_ledger(app, app.state.fhir, ledger)
     events: list[DownloadEvent] = []
     docs = install(app, app.state.fhir, documents, audit=events.append, replace=True)
     with TestClient(app, base_url="https://testserver", **client_kw) as client:

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 from documents_kit import (
     FHIR_JSON,
+    LEDGER_ORIGIN,
     DocEnv,
     at_rest,
     b64,
@@ -29,6 +30,8 @@ from documents_kit import (
 from fhir_consent.config import Settings
 from fhir_consent.documents import BLOB_EXTENSION
 from fhir_consent.documents.tables import document_blobs, document_chunks
+from fhir_consent.ledger import verify_proof
+from fhir_consent.ledger.verify import verify_ledger
 
 
 @pytest.fixture(params=["db", "dir"])
@@ -56,6 +59,7 @@ CDA = "application/hl7-cda+xml"
 def test_every_upload_path_is_encrypted_at_rest_and_downloads_identically(env: DocEnv) -> None:
     pid = env.patient()
     uploads: dict[str, tuple[bytes, str]] = {}  # Binary ref -> (content, content type)
+    documents: list[str] = []  # every DocumentReference the uploads created
     secrets: list[str] = []
 
     def samples() -> list[tuple[bytes, str]]:
@@ -72,7 +76,8 @@ def test_every_upload_path_is_encrypted_at_rest_and_downloads_identically(env: D
         assert r.status_code == 201, r.text
         assert "data" not in r.json() and r.headers["location"].endswith("/_history/1")
         ref = f"Binary/{r.json()['id']}"
-        env.post_json("DocumentReference", document(pid, url=ref, contentType=ctype))
+        linked = env.post_json("DocumentReference", document(pid, url=ref, contentType=ctype))
+        documents.append(linked["id"])
         uploads[ref] = (content, ctype)
 
     # 2. FHIR Binary JSON with base64 data
@@ -91,6 +96,7 @@ def test_every_upload_path_is_encrypted_at_rest_and_downloads_identically(env: D
         assert "data" not in att
         assert att["size"] == len(content) and att["hash"] == sha1_b64(content)
         uploads[binary_ref(doc)] = (content, ctype)
+        documents.append(doc["id"])
 
     # 4. a transaction Bundle creating each Binary and the DocumentReference pointing to it
     for n, (content, ctype) in enumerate(samples()):
@@ -122,7 +128,21 @@ def test_every_upload_path_is_encrypted_at_rest_and_downloads_identically(env: D
         att = doc["content"][0]["attachment"]
         assert att["size"] == len(content) and att["hash"] == sha1_b64(content)
         uploads[binary_ref(doc)] = (content, ctype)
-    assert len(uploads) == 8
+        documents.append(doc_id)
+    assert len(uploads) == 8 and len(documents) == 6
+
+    # every DocumentReference version has its ledger entry, with a proof anyone can check
+    keyring = env.client.app.state.ledger.keyring  # type: ignore[attr-defined]
+    for doc_id in documents:
+        proof = env.client.get(f"/fhir/DocumentReference/{doc_id}/_history/1/$ledger-proof")
+        assert proof.status_code == 200, proof.text
+        assert proof.json()["entry"]["ref"] == f"DocumentReference/{doc_id}/_history/1"
+        verify_proof.verify_document(
+            proof.json(), trusted_keys=[keyring.signing.public_bytes], origin=LEDGER_ORIGIN
+        )
+    report = verify_ledger(env.docs.fhir.db, keyring.verify_keys(), LEDGER_ORIGIN)
+    assert report.ok, report.problems
+    assert report.versions == len(documents)  # and no entry without its version
 
     # nothing readable at rest: not the markers, not the content, not its base64
     stored = at_rest(env.docs)
