@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -191,6 +192,10 @@ def write_audit(conn: Connection, records: Iterable[AuditRecord]) -> int:
     return n
 
 
+#: Tries of one audit batch against a failing database (0.1 + 0.2 + 0.4 + 0.8 + 1.6 s apart).
+_WRITE_ATTEMPTS = 6
+
+
 class AuditSink:
     """Collects audit records; writes go in the caller's transaction, reads are batched."""
 
@@ -293,6 +298,10 @@ class AuditSink:
             return self._flushed.wait_for(lambda: self._pending == 0, timeout=timeout)
 
     def _run(self) -> None:
+        """Write queued records in batches: at most one write transaction per
+        ``flush_interval``, so a stream of audited reads never hogs the database's write lock
+        (SQLite's lock is not fair: back-to-back audit batches could starve a patient's
+        revocation)."""
         stop = False
         while not stop:
             batch: list[AuditRecord] = []
@@ -315,13 +324,25 @@ class AuditSink:
                 batch.append(item)
             if batch:
                 self._write(batch)
+                if not stop:
+                    time.sleep(self.flush_interval)
 
     def _write(self, batch: list[AuditRecord]) -> None:
+        """Store a batch, retrying a failing database a few times (backoff up to ~3 s in all)
+        before giving up on it; the failure is logged with the count only, never content."""
         try:
-            with self.db.write() as conn:
-                write_audit(conn, batch)
-        except Exception as exc:  # noqa: BLE001 - the writer must survive a database hiccup
-            log.error("audit batch of %d not stored: %s", len(batch), type(exc).__name__)
+            for attempt in range(_WRITE_ATTEMPTS):
+                try:
+                    with self.db.write() as conn:
+                        write_audit(conn, batch)
+                    return
+                except Exception as exc:  # noqa: BLE001 - the writer must survive the database
+                    if attempt + 1 == _WRITE_ATTEMPTS:
+                        log.error(
+                            "audit batch of %d not stored: %s", len(batch), type(exc).__name__
+                        )
+                    else:
+                        time.sleep(0.1 * 2**attempt)
         finally:
             with self._flushed:
                 self._pending -= len(batch)
