@@ -109,6 +109,19 @@ class FHIRContext:
         """The audit sink when this request is audited (every authenticated request)."""
         return None if gate.access.is_open else self.audit
 
+    def refused(self, gate: Gate, hidden: Any) -> None:
+        """Audit a refused attempt on an existing record: the patient sees it in their log."""
+        sink = self.audited(gate)
+        if sink is not None and hidden is not None:
+            sink.record_access(
+                gate.interaction,
+                gate.access,
+                [hidden],
+                gate.now,
+                permitted=False,
+                reason="not permitted",
+            )
+
     def base(self, request: Request) -> str:
         if self.settings.public_base_url:
             return self.settings.public_base_url.rstrip("/")
@@ -202,17 +215,7 @@ def build_router() -> APIRouter:
         try:
             return await run_in_threadpool(run)
         except FHIRError as exc:
-            sink = ctx.audited(gate)
-            if sink is not None and exc.hidden is not None:
-                # a refused attempt on an existing record: the patient sees it in their log
-                sink.record_access(
-                    gate.interaction,
-                    gate.access,
-                    [exc.hidden],
-                    gate.now,
-                    permitted=False,
-                    reason="not permitted",
-                )
+            ctx.refused(gate, exc.hidden)
             raise
 
     async def gate_for(
@@ -518,16 +521,7 @@ class _BundleGuard:
         _audit_read(self.ctx, gate, gate.interaction, rows)
 
     def refused(self, gate: Gate, hidden: Any) -> None:
-        sink = self.ctx.audited(gate)
-        if sink is not None:
-            sink.record_access(
-                gate.interaction,
-                gate.access,
-                [hidden],
-                gate.now,
-                permitted=False,
-                reason="not permitted",
-            )
+        self.ctx.refused(gate, hidden)
 
 
 def _audit_read(

@@ -42,11 +42,9 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from fhir_consent.auth import require
 from fhir_consent.crypto import KeyRing
-from fhir_consent.errors import BadRequest, NotFound
-from fhir_consent.fhir.routes import FHIRContext
-from fhir_consent.fhir.visibility import visibility_for
+from fhir_consent.errors import BadRequest, FHIRError, NotFound
+from fhir_consent.fhir.routes import FHIRContext, entry_gate
 from fhir_consent.ledger.checkpoint import verifier_key
 from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.ledger.embedded import LedgerNotFound, TreeHead
@@ -54,7 +52,8 @@ from fhir_consent.ledger.engines.base import create_engine
 from fhir_consent.ledger.entry import KINDS
 from fhir_consent.ledger.relay import Relay, RelayThread
 from fhir_consent.ledger.service import Ledger, build_ledger
-from fhir_consent.store.repository import Repository
+from fhir_consent.requestctx import current_access
+from fhir_consent.store.repository import CurrentRow, Repository
 from smart_on_fhir.scopes import Interaction
 
 __all__ = [
@@ -139,19 +138,23 @@ def build_ledger_router() -> APIRouter:
         if rtype not in KINDS:
             raise NotFound(f"$ledger-proof is not defined for '{rtype[:64]}'")
         access = await ctx.authenticate(request)
-        decision = require(access, rtype, Interaction.READ)
-        vis = visibility_for(access, decision, rtype, ctx.clock())
+        current_access.set(access)
+        # what a vread of that version needs: the scope, then the record's visibility under
+        # the request's consents (computed in the transaction), refusals audited
+        gate = entry_gate(ctx, access, rtype, Interaction.READ, "operation")
         if not vid.isascii() or not vid.isdigit() or len(vid) > 9:
             raise NotFound(f"Version '{vid[:16]}' of {rtype}/{rid[:64]} is not known")
         ref = f"{rtype}/{rid}/_history/{int(vid)}"
 
-        def run() -> tuple[dict[str, Any], TreeHead | None, str]:
+        def run() -> tuple[dict[str, Any], TreeHead | None, str, CurrentRow]:
             with ctx.db.read() as conn:
                 if ctx.token_check is not None and not access.is_open:
                     ctx.token_check(conn, access)
                 current = Repository(conn).current(rtype, rid)
-                if current is None or not vis.can_see(conn, current):
+                if current is None:
                     raise NotFound(f"{rtype}/{rid[:64]} is not known")
+                if not ctx.visibility(conn, gate).can_see(conn, current):
+                    raise NotFound(f"{rtype}/{rid[:64]} is not known", hidden=current)
                 try:
                     stored = ledger.log.entry_by_ref(conn, ref)
                 except LedgerNotFound:
@@ -163,9 +166,17 @@ def build_ledger_router() -> APIRouter:
                 else:
                     fresh = ledger.log.head(conn)
                     size, note = fresh.size, ledger.log.sign(fresh)
-                return ledger.log.proof_document(conn, stored, note, size), fresh, note
+                doc = ledger.log.proof_document(conn, stored, note, size)
+                return doc, fresh, note, current
 
-        doc, fresh, note = await run_in_threadpool(run)
+        try:
+            doc, fresh, note, row = await run_in_threadpool(run)
+        except FHIRError as exc:
+            ctx.refused(gate, exc.hidden)
+            raise
+        sink = ctx.audited(gate)
+        if sink is not None:
+            sink.record_access(gate.interaction, access, [row], gate.now)
         if fresh is not None:
 
             def store() -> None:

@@ -80,3 +80,35 @@ def test_downloads_permitted_and_refused_are_in_the_patients_log(live: Live) -> 
         e["what"]["reference"] == f"DocumentReference/{live.demo.documents['summary']}"
         for e in attempt["entity"]
     )
+
+
+def test_ledger_proofs_follow_consent(live: Live) -> None:
+    """``$ledger-proof`` needs what a vread of that version needs: a clinic without a grant
+    learns nothing about Peter's Consents or Northgate's document through it."""
+    clinic = clinic_headers(live)  # Lakeside: holds two of Peter's documents, no grant
+    hidden_doc = live.demo.documents["summary"]
+    held_doc = live.demo.documents["discharge"]
+    for ref in (f"DocumentReference/{hidden_doc}", f"Consent/{live.demo.grant}"):
+        r = httpx.get(f"{live.fhir}/{ref}/_history/1/$ledger-proof", headers=clinic)
+        assert r.status_code == 404, ref
+        assert "pseudonym" not in r.text and "resource_sha256" not in r.text
+    proof = "_history/1/$ledger-proof"
+    held = httpx.get(f"{live.fhir}/DocumentReference/{held_doc}/{proof}", headers=clinic)
+    assert held.status_code == 200 and held.json()["entry"]
+
+    peter = {"Authorization": f"Bearer {patient_token(live)}", "Accept": "application/json"}
+    own = httpx.get(f"{live.fhir}/Consent/{live.demo.grant}/{proof}", headers=peter)
+    assert own.status_code == 200
+    assert live.ctx.audit.flush()
+    log = httpx.get(
+        f"{live.fhir}/AuditEvent",
+        params={"patient": "Patient/peter", "subtype": "operation", "_count": "200"},
+        headers={**peter, "Accept": "application/fhir+json"},
+    ).json()
+    outcomes = {
+        (e["resource"]["outcome"], a["who"].get("reference"))
+        for e in log.get("entry", [])
+        for a in e["resource"]["agent"]
+    }
+    assert ("4", "Organization/lakeside") in outcomes  # the refused attempts are in Peter's log
+    assert ("0", "Patient/peter") in outcomes
