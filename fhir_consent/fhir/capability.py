@@ -12,9 +12,26 @@ from typing import Any
 from fhir_consent.fhir import searchparams as sp
 from fhir_consent.fhir.validation import SUPPORTED_TYPES
 
-__all__ = ["CapabilityExtender", "capability_statement"]
+__all__ = [
+    "CONSENT_ENFORCEMENT",
+    "CapabilityExtender",
+    "capability_statement",
+    "declare_consent_enforcement",
+]
 
 CapabilityExtender = Callable[[dict[str, Any]], None]
+
+#: ``CapabilityStatement.instantiates`` when the consent rules of shared/specs/consent.md are
+#: enforced: how a client (and ``python -m conformance``) discovers that this server decides
+#: access by the patient's Consents.
+CONSENT_ENFORCEMENT = "urn:fhir-consent:CapabilityStatement:consent-enforcement"
+
+
+def declare_consent_enforcement(statement: dict[str, Any]) -> None:
+    """A :data:`CapabilityExtender`: the statement says that consent is enforced."""
+    listed = statement.setdefault("instantiates", [])
+    if CONSENT_ENFORCEMENT not in listed:
+        listed.append(CONSENT_ENFORCEMENT)
 
 _INTERACTIONS = (
     "read",
