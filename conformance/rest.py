@@ -921,8 +921,7 @@ def _reference_into(run: _Run, target: str, types: list[str]) -> tuple[str, Plan
                 )
             except Unsupported:
                 continue
-            leaf = plan.hops[-1].element
-            if plan.references and plan.references[0].startswith(f"{target}/") and leaf.many:
+            if plan.references and plan.references[0].startswith(f"{target}/"):
                 return rtype, plan
     return None
 
