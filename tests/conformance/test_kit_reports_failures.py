@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixtures are imported from conformance_fixtures)
 """The kit is not a rubber stamp: pointed at our server with false claims injected into its
 CapabilityStatement (:mod:`broken_server`), it reports each false claim as a failure and exits
 1, while what is true still passes; and a server that does not declare consent enforcement
@@ -13,7 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Smart, serve, smart_world, stop
+from conformance_fixtures import (  # noqa: F401  (fixtures)
+    Smart,
+    cheap_argon2,
+    keys_dir,
+    serve,
+    smart_world,
+    stop,
+)
 
 from conformance.__main__ import main
 

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixtures are imported from conformance_fixtures)
 """The REST section of ``python -m conformance`` against our whole server (open access, the
 development mode: the REST checks create and delete freely), on SQLite and PostgreSQL: every
 claimed interaction and search parameter of every claimed type is exercised and passes, except
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conformance_fixtures import keys_dir, open_server  # noqa: F401  (fixtures)
 
 from conformance.__main__ import main
 from conformance.capability import parse_capability

@@ -3,8 +3,9 @@
 open access for the REST section, SMART on (real clients, real tokens) for the consent and
 SMART sections.
 
-This directory has no ``__init__.py`` on purpose: a package named ``conformance`` here would
-shadow the kit itself.
+This directory has no ``__init__.py`` on purpose (a package named ``conformance`` here would
+shadow the kit itself), and no ``conftest.py`` (its module name would clash with the suite's
+``conftest``, which other test modules import): the test modules import these fixtures.
 """
 
 from __future__ import annotations
