@@ -32,6 +32,8 @@ __all__ = [
     "Plan",
     "SampleFactory",
     "Unsupported",
+    "bundled_parameters",
+    "expression_for",
     "parse_expression",
 ]
 
@@ -152,11 +154,12 @@ def parse_expression(expression: str, rtype: str) -> list[list[Step]]:
 
 
 @lru_cache(maxsize=1)
-def _bundled_expressions() -> dict[str, dict[str, str]]:
-    path = _DATA / "search-expressions-r4.json"
-    if not path.exists():
-        return {}
-    data: dict[str, dict[str, str]] = json.loads(path.read_text(encoding="utf-8"))
+def bundled_parameters() -> dict[str, dict[str, dict[str, str]]]:
+    """``{type: {name: {"type": …, "expression": …}}}`` from data/search-expressions-r4.json
+    (``Resource`` holds the common parameters)."""
+    data: dict[str, dict[str, dict[str, str]]] = json.loads(
+        (_DATA / "search-expressions-r4.json").read_text(encoding="utf-8")
+    )
     return data
 
 
@@ -166,8 +169,9 @@ def expression_for(rtype: str, name: str, documentation: str) -> str | None:
     doc = documentation.strip()
     if doc and re.match(rf"\(?\s*({rtype}|Resource|DomainResource)\.[A-Za-z]", doc):
         return doc
-    bundled = _bundled_expressions()
-    return bundled.get(rtype, {}).get(name) or bundled.get("Resource", {}).get(name)
+    bundled = bundled_parameters()
+    found = bundled.get(rtype, {}).get(name) or bundled.get("Resource", {}).get(name)
+    return found["expression"] if found else None
 
 
 # ---------------------------------------------------------------------------------------------
