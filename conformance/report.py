@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["Result", "print_table", "write_junit"]
+import httpx
+
+__all__ = ["Recorder", "Result", "print_table", "write_junit"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +23,38 @@ class Result:
     name: str
     status: str
     detail: str = ""
+
+
+@dataclass
+class Recorder:
+    """Runs checks and collects their results. A check returns ``None`` (pass), a detail
+    string (pass, with a note), ``"skip: why"`` (skipped), or raises (fail)."""
+
+    results: list[Result] = field(default_factory=list)
+
+    def check(self, section: str, test_id: str, name: str, fn: Callable[[], str | None]) -> bool:
+        """Run one check; True when it passed."""
+        try:
+            outcome = fn()
+        except AssertionError as error:
+            self.results.append(Result(section, test_id, name, "fail", str(error)[:300]))
+            return False
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, IndexError) as error:
+            detail = f"{type(error).__name__}: {str(error)[:200]}"
+            self.results.append(Result(section, test_id, name, "fail", detail))
+            return False
+        if outcome and outcome.startswith("skip"):
+            reason = outcome[4:].lstrip(":").strip()
+            self.results.append(Result(section, test_id, name, "skip", reason))
+            return False
+        self.results.append(Result(section, test_id, name, "pass", outcome or ""))
+        return True
+
+    def skip(self, section: str, test_id: str, name: str, reason: str) -> None:
+        self.results.append(Result(section, test_id, name, "skip", reason))
+
+    def fail(self, section: str, test_id: str, name: str, detail: str) -> None:
+        self.results.append(Result(section, test_id, name, "fail", detail[:300]))
 
 
 def print_table(results: Sequence[Result], out: TextIO) -> None:

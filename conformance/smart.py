@@ -22,9 +22,9 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 
-from .report import Result
+from .report import Recorder, Result
 
-__all__ = ["SmartOptions", "run_smart"]
+__all__ = ["SmartOptions", "TokenError", "backend_token", "run_smart"]
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 G10_CAPABILITIES = (
@@ -60,25 +60,14 @@ class _Checks:
         self.http = http
         self.base = base.rstrip("/")
         self.options = options
-        self.results: list[Result] = []
+        self.recorder = Recorder()
+        self.results: list[Result] = self.recorder.results
         self.config: dict[str, Any] = {}
         self.token: str | None = None
 
     def check(self, section: str, test_id: str, name: str, fn: Callable[[], str | None]) -> None:
         """Run one check: ``fn`` returns ``None`` (pass), ``"skip: why"``, or raises."""
-        try:
-            outcome = fn()
-        except AssertionError as error:
-            self.results.append(Result(section, test_id, name, "fail", str(error)[:200]))
-            return
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
-            detail = f"{type(error).__name__}: {str(error)[:160]}"
-            self.results.append(Result(section, test_id, name, "fail", detail))
-            return
-        if outcome and outcome.startswith("skip"):
-            self.results.append(Result(section, test_id, name, "skip", outcome[5:].strip()))
-        else:
-            self.results.append(Result(section, test_id, name, "pass", outcome or ""))
+        self.recorder.check(section, test_id, name, fn)
 
     # -- §2A discovery --------------------------------------------------------------------
 
@@ -439,12 +428,16 @@ class _Signer:
 
     @classmethod
     def load(cls, options: SmartOptions) -> _Signer:
+        return cls.from_file(str(options.backend_client_id), str(options.backend_key))
+
+    @classmethod
+    def from_file(cls, client_id: str, key_path: str) -> _Signer:
         from joserfc.jwk import ECKey, RSAKey
 
-        data = json.loads(Path(str(options.backend_key)).read_text(encoding="utf-8"))
+        data = json.loads(Path(key_path).read_text(encoding="utf-8"))
         key = (RSAKey if data.get("kty") == "RSA" else ECKey).import_key(data)
         alg = data.get("alg") or ("RS384" if data.get("kty") == "RSA" else "ES384")
-        return cls(str(options.backend_client_id), key, alg)
+        return cls(client_id, key, alg)
 
     def sign(self, audience: str, *, now: int | None = None, lifetime: int = 240) -> str:
         from joserfc import jwt
@@ -460,6 +453,45 @@ class _Signer:
         }
         header = {"alg": self.alg, "kid": self.key.kid, "typ": "JWT"}
         return jwt.encode(header, claims, self.key, algorithms=[self.alg])
+
+
+class TokenError(Exception):
+    """No backend-services token could be obtained (the message says why)."""
+
+
+def backend_token(
+    base: str, client_id: str, key_path: str, scope: str, *, http: httpx.Client
+) -> str:
+    """A SMART backend-services access token (``client_credentials`` with a signed
+    ``private_key_jwt`` assertion) for the FHIR base *base*: the token endpoint comes from its
+    ``.well-known/smart-configuration``."""
+    try:
+        config = http.get(
+            f"{base.rstrip('/')}/.well-known/smart-configuration",
+            headers={"accept": "application/json"},
+        ).json()
+        endpoint = config["token_endpoint"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+        raise TokenError(f"no token_endpoint in smart-configuration ({error})") from error
+    try:
+        signer = _Signer.from_file(client_id, key_path)
+    except (OSError, ValueError, KeyError) as error:
+        raise TokenError(f"cannot load the private key {key_path}: {error}") from error
+    r = http.post(
+        endpoint,
+        data={
+            "grant_type": "client_credentials",
+            "scope": scope,
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": signer.sign(endpoint),
+        },
+    )
+    if r.status_code != 200:
+        raise TokenError(f"token endpoint answered {r.status_code}: {r.text[:160]}")
+    token = r.json().get("access_token")
+    if not isinstance(token, str):
+        raise TokenError("token response has no access_token")
+    return token
 
 
 def run_smart(

@@ -44,6 +44,7 @@ from fhir_consent.consent.enforcement import (
 from fhir_consent.consent.index import INQUIRER_EXTENSION, ConsentIndexer, inquirers_of
 from fhir_consent.consent.rules import normalize_reference
 from fhir_consent.errors import Forbidden, Unprocessable
+from fhir_consent.fhir.capability import declare_consent_enforcement
 from fhir_consent.requestctx import current_access
 
 if TYPE_CHECKING:  # the FHIR layer sits above this one: only its type is needed here
@@ -218,4 +219,6 @@ def install(ctx: FHIRContext, settings: ConsentSettings | None = None) -> Consen
     ctx.listeners.append(workflow.guard_delete)
     if not isinstance(ctx.authenticate, PurposeOfUse):
         ctx.authenticate = PurposeOfUse(ctx.authenticate)
+    if not ctx.settings.open_access:  # open access enforces nothing: do not claim it
+        ctx.capability_extenders.append(declare_consent_enforcement)
     return ConsentLayer(enforcement, workflow, indexer)

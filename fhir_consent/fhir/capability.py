@@ -12,9 +12,26 @@ from typing import Any
 from fhir_consent.fhir import searchparams as sp
 from fhir_consent.fhir.validation import SUPPORTED_TYPES
 
-__all__ = ["CapabilityExtender", "capability_statement"]
+__all__ = [
+    "CONSENT_ENFORCEMENT",
+    "CapabilityExtender",
+    "capability_statement",
+    "declare_consent_enforcement",
+]
 
 CapabilityExtender = Callable[[dict[str, Any]], None]
+
+#: ``CapabilityStatement.instantiates`` when the consent rules of shared/specs/consent.md are
+#: enforced: how a client (and ``python -m conformance``) discovers that this server decides
+#: access by the patient's Consents.
+CONSENT_ENFORCEMENT = "urn:fhir-consent:CapabilityStatement:consent-enforcement"
+
+
+def declare_consent_enforcement(statement: dict[str, Any]) -> None:
+    """A :data:`CapabilityExtender`: the statement says that consent is enforced."""
+    listed = statement.setdefault("instantiates", [])
+    if CONSENT_ENFORCEMENT not in listed:
+        listed.append(CONSENT_ENFORCEMENT)
 
 _INTERACTIONS = (
     "read",
@@ -47,7 +64,10 @@ _OPERATIONS: dict[str, list[dict[str, str]]] = {
 }
 
 
-def _resource(rtype: str) -> dict[str, Any]:
+_READ_ONLY = ("read", "vread", "history-instance", "history-type", "search-type")
+
+
+def _resource(rtype: str, *, read_only: bool = False) -> dict[str, Any]:
     params = sp.params_for(rtype)
     ref_params = sorted(n for n, p in params.items() if p.type is sp.ParamType.REFERENCE)
     rev = sorted(
@@ -59,11 +79,13 @@ def _resource(rtype: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "type": rtype,
         "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
-        "interaction": [{"code": code} for code in _INTERACTIONS],
+        "interaction": [
+            {"code": code} for code in (_READ_ONLY if read_only else _INTERACTIONS)
+        ],
         "versioning": "versioned-update",
         "readHistory": True,
-        "updateCreate": True,
-        "conditionalCreate": True,
+        "updateCreate": not read_only,
+        "conditionalCreate": not read_only,
         "conditionalRead": "not-supported",
         "conditionalUpdate": False,
         "conditionalDelete": "not-supported",
@@ -89,8 +111,11 @@ def capability_statement(
     software_version: str,
     date: str,
     extenders: Sequence[CapabilityExtender] = (),
+    read_only_types: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """The server's CapabilityStatement for FHIR 4.0.1."""
+    """The server's CapabilityStatement for FHIR 4.0.1. ``read_only_types`` are served but
+    never written through the API (AuditEvents, unless access is open): only their read,
+    history and search interactions are claimed."""
     statement: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -108,7 +133,9 @@ def capability_statement(
                 "documentation": "Result parameters: "
                 + ", ".join(_RESULT_PARAMS)
                 + ". Unknown search parameters are ignored unless Prefer: handling=strict.",
-                "resource": [_resource(t) for t in SUPPORTED_TYPES],
+                "resource": [
+                    _resource(t, read_only=t in read_only_types) for t in SUPPORTED_TYPES
+                ],
                 "interaction": [{"code": "transaction"}, {"code": "batch"}],
             }
         ],

@@ -233,6 +233,8 @@ def build_router() -> APIRouter:
             software_version=ctx.version,
             date=ctx.started,
             extenders=ctx.capability_extenders,
+            # entry_gate refuses every AuditEvent write unless access is open: do not claim it
+            read_only_types=frozenset() if ctx.settings.open_access else frozenset({"AuditEvent"}),
         )
         return fhir_response(statement)
 

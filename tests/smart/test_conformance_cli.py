@@ -36,6 +36,8 @@ def test_conformance_smart_section_against_live_server(
             "-m",
             "conformance",
             f"{smart_server}/fhir",
+            "--section",
+            "smart",
             "--junit",
             str(junit),
             f"--client-id={app.client_id}",  # generated ids may begin with "-"
