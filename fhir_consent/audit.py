@@ -72,6 +72,9 @@ class AuditRecord:
     reason: str | None = None  # machine reason: consent-explicit, default-deny, patient-self…
     query: str | None = None  # the search's resource type and parameter *names* (no values)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: who a decision was asked *for* (``Consent/$decide``: the actors a gateway named); the
+    #: caller (``access``) is then the one who asked
+    on_behalf_of: Sequence[str] = ()
 
 
 #: Where each type names the patient whose data it is (the patient-compartment link that is
@@ -101,7 +104,11 @@ def patient_of(res_type: str, res_id: str, content: bytes | None) -> str | None:
     return None
 
 
-def _agents(access: AccessContext) -> list[dict[str, Any]]:
+_PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+
+
+def _agents(access: AccessContext, on_behalf_of: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The caller first (the requestor), then whoever it asked for (information recipients)."""
     agents: list[dict[str, Any]] = []
     if access.fhir_user:
         agents.append({"who": {"reference": access.fhir_user}, "requestor": True})
@@ -115,6 +122,14 @@ def _agents(access: AccessContext) -> list[dict[str, Any]]:
         agents.append(client)
     if not agents:
         agents.append({"who": {"display": "anonymous (open access)"}, "requestor": True})
+    agents += [
+        {
+            "type": {"coding": [{"system": _PARTICIPATION, "code": "IRCP"}]},
+            "who": {"reference": ref},
+            "requestor": False,
+        }
+        for ref in on_behalf_of
+    ]
     return agents
 
 
@@ -158,7 +173,7 @@ def audit_event(record: AuditRecord) -> dict[str, Any]:
         "action": _ACTIONS.get(record.interaction, "E"),
         "recorded": format_instant(record.recorded),
         "outcome": "0" if record.permitted else "4",
-        "agent": _agents(record.access),
+        "agent": _agents(record.access, record.on_behalf_of),
         "source": {
             "observer": {"display": "fhir-consent"},
             "type": [{"system": _SECURITY_SOURCE, "code": "4", "display": "Application Server"}],
@@ -213,6 +228,13 @@ class AuditSink:
     def record_in(self, conn: Connection, record: AuditRecord) -> None:
         """Audit a change inside the change's own transaction."""
         write_audit(conn, [record])
+
+    def record_now(self, record: AuditRecord) -> None:
+        """Store one record in its own transaction before returning (break-glass: the
+        patient sees it at once, consent.md §3); a failure propagates, so nothing that must
+        be audited first is served unaudited."""
+        with self.db.write() as conn:
+            write_audit(conn, [record])
 
     def record_change(
         self,
