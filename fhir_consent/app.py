@@ -48,6 +48,7 @@ from fhir_consent.auth import (
 from fhir_consent.config import Settings, get_settings
 from fhir_consent.consent.auditing import ConsentAuditSink
 from fhir_consent.consent.config import ConsentSettings
+from fhir_consent.consent.decider import install as install_decider
 from fhir_consent.consent.workflow import install as install_consent
 from fhir_consent.documents import install as install_documents
 from fhir_consent.documents.auditing import SinkDownloadAudit
@@ -238,6 +239,7 @@ def install_layers(
     ctx: FHIRContext = app.state.fhir
     install_ledger(app, ctx, ledger if ledger is not None else LedgerSettings())
     layer = install_consent(ctx, consent if consent is not None else ConsentSettings())
+    install_decider(app, ctx, layer)  # POST [base]/Consent/$decide for gateways
     sink = ConsentAuditSink(ctx.db)
     ctx.audit = sink
     store = install_documents(

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,11 +27,22 @@ from sqlalchemy.engine import Connection
 
 from fhir_consent.auth import AccessContext
 from fhir_consent.fhir import searchparams
+from fhir_consent.fhir.searchparams import IndexRows
 from fhir_consent.fhir.services import finalize, format_instant
 from fhir_consent.store.db import Database
 from fhir_consent.store.repository import CurrentRow, Repository, VersionRow
 
-__all__ = ["AuditRecord", "AuditSink", "audit_event", "patient_of", "write_audit"]
+__all__ = [
+    "SQLITE_WRITER_GAP",
+    "AuditRecord",
+    "AuditSink",
+    "Prepared",
+    "audit_event",
+    "patient_of",
+    "prepare_audit",
+    "store_prepared",
+    "write_audit",
+]
 
 log = logging.getLogger("fhir_consent.audit")
 
@@ -72,6 +83,9 @@ class AuditRecord:
     reason: str | None = None  # machine reason: consent-explicit, default-deny, patient-self…
     query: str | None = None  # the search's resource type and parameter *names* (no values)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: who a decision was asked *for* (``Consent/$decide``: the actors a gateway named); the
+    #: caller (``access``) is then the one who asked
+    on_behalf_of: Sequence[str] = ()
 
 
 #: Where each type names the patient whose data it is (the patient-compartment link that is
@@ -101,7 +115,11 @@ def patient_of(res_type: str, res_id: str, content: bytes | None) -> str | None:
     return None
 
 
-def _agents(access: AccessContext) -> list[dict[str, Any]]:
+_PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+
+
+def _agents(access: AccessContext, on_behalf_of: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The caller first (the requestor), then whoever it asked for (information recipients)."""
     agents: list[dict[str, Any]] = []
     if access.fhir_user:
         agents.append({"who": {"reference": access.fhir_user}, "requestor": True})
@@ -115,6 +133,14 @@ def _agents(access: AccessContext) -> list[dict[str, Any]]:
         agents.append(client)
     if not agents:
         agents.append({"who": {"display": "anonymous (open access)"}, "requestor": True})
+    agents += [
+        {
+            "type": {"coding": [{"system": _PARTICIPATION, "code": "IRCP"}]},
+            "who": {"reference": ref},
+            "requestor": False,
+        }
+        for ref in on_behalf_of
+    ]
     return agents
 
 
@@ -158,7 +184,7 @@ def audit_event(record: AuditRecord) -> dict[str, Any]:
         "action": _ACTIONS.get(record.interaction, "E"),
         "recorded": format_instant(record.recorded),
         "outcome": "0" if record.permitted else "4",
-        "agent": _agents(record.access),
+        "agent": _agents(record.access, record.on_behalf_of),
         "source": {
             "observer": {"display": "fhir-consent"},
             "type": [{"system": _SECURITY_SOURCE, "code": "4", "display": "Application Server"}],
@@ -178,31 +204,60 @@ def audit_event(record: AuditRecord) -> dict[str, Any]:
     return event
 
 
+#: One AuditEvent ready to insert: (id, canonical JSON, recorded µs, search index rows).
+Prepared = tuple[str, bytes, int, IndexRows]
+
+
+def prepare_audit(record: AuditRecord) -> Prepared:
+    """Build one record's AuditEvent and its search index rows (no database work)."""
+    rid = str(uuid.uuid4())
+    content, parsed = finalize(audit_event(record), rid, 1, record.recorded)
+    return rid, content, record.recorded, searchparams.extract(parsed)
+
+
+def store_prepared(conn: Connection, items: Sequence[Prepared]) -> int:
+    """Insert prepared AuditEvents on ``conn`` (a few multi-row statements in all)."""
+    return Repository(conn).insert_many("AuditEvent", items, "POST")
+
+
 def write_audit(conn: Connection, records: Iterable[AuditRecord]) -> int:
     """Store AuditEvents for ``records`` on ``conn`` (the caller's transaction)."""
-    repo = Repository(conn)
-    n = 0
-    for record in records:
-        rid = str(uuid.uuid4())
-        content, parsed = finalize(audit_event(record), rid, 1, record.recorded)
-        repo.insert(
-            "AuditEvent", rid, content, record.recorded, searchparams.extract(parsed), "POST"
-        )
-        n += 1
-    return n
+    return store_prepared(conn, [prepare_audit(r) for r in records])
 
 
 #: Tries of one audit batch against a failing database (0.1 + 0.2 + 0.4 + 0.8 + 1.6 s apart).
 _WRITE_ATTEMPTS = 6
+#: The least pause between two audit write transactions on SQLite. SQLite's lock is not
+#: queued: a writer that finds it taken sleeps in its busy handler (up to 100 ms between
+#: tries) and takes it only if it is free when it wakes. A pause longer than the longest of
+#: those sleeps means every waiting writer (a patient's revocation) gets the lock before the
+#: audit writer takes it again, whatever the read load.
+SQLITE_WRITER_GAP = 0.15
 
 
 class AuditSink:
-    """Collects audit records; writes go in the caller's transaction, reads are batched."""
+    """Collects audit records; writes go in the caller's transaction, reads are batched.
 
-    def __init__(self, db: Database, *, flush_interval: float = 0.1, batch_size: int = 500) -> None:
+    Nothing is dropped silently: a batch the database refuses after all retries, a record
+    that cannot be built, and records still queued when :meth:`stop` gives up are logged
+    (counts and exception types only, never content) and counted in :attr:`dropped`.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        flush_interval: float = 0.1,
+        batch_size: int = 500,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.db = db
         self.flush_interval = flush_interval
         self.batch_size = batch_size
+        #: pause after each write transaction (at least :data:`SQLITE_WRITER_GAP` on SQLite)
+        self.gap = max(flush_interval, SQLITE_WRITER_GAP if getattr(db, "is_sqlite", False) else 0)
+        self.dropped = 0
+        self._sleep = sleep
         self._queue: queue.Queue[AuditRecord | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._flushed = threading.Condition()
@@ -213,6 +268,14 @@ class AuditSink:
     def record_in(self, conn: Connection, record: AuditRecord) -> None:
         """Audit a change inside the change's own transaction."""
         write_audit(conn, [record])
+
+    def record_now(self, record: AuditRecord) -> None:
+        """Store one record in its own transaction before returning (break-glass: the
+        patient sees it at once, consent.md §3); a failure propagates, so nothing that must
+        be audited first is served unaudited."""
+        prepared = prepare_audit(record)
+        with self.db.write() as conn:
+            store_prepared(conn, [prepared])
 
     def record_change(
         self,
@@ -285,12 +348,36 @@ class AuditSink:
             self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
-        """Flush everything queued and stop the writer."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Flush everything queued and stop the writer; what it could not store in
+        ``timeout`` seconds (or with no writer running) is logged as not stored."""
         if self._thread is not None:
             self._queue.put(None)
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
+            alive = self._thread.is_alive()
             self._thread = None
+            if alive:
+                log.error(
+                    "audit writer did not finish within %.0f s: %d audit records still queued "
+                    "are lost if the process exits now",
+                    timeout,
+                    self._pending,
+                )
+                return
+        left: list[AuditRecord] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                left.append(item)
+        if left:
+            log.error("audit writer not running: %d audit records not stored", len(left))
+            with self._flushed:
+                self.dropped += len(left)
+                self._pending -= len(left)
+                self._flushed.notify_all()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued record is stored (tests, shutdown)."""
@@ -298,8 +385,9 @@ class AuditSink:
             return self._flushed.wait_for(lambda: self._pending == 0, timeout=timeout)
 
     def _run(self) -> None:
-        """Write queued records in batches: at most one write transaction per
-        ``flush_interval``, so a stream of audited reads never hogs the database's write lock
+        """Write queued records in batches of at most ``batch_size``, one write transaction
+        each (a few multi-row statements: the transaction is short), pausing :attr:`gap`
+        seconds after each so that other writers get the database's write lock in between
         (SQLite's lock is not fair: back-to-back audit batches could starve a patient's
         revocation)."""
         stop = False
@@ -325,25 +413,41 @@ class AuditSink:
             if batch:
                 self._write(batch)
                 if not stop:
-                    time.sleep(self.flush_interval)
+                    self._sleep(self.gap)
 
     def _write(self, batch: list[AuditRecord]) -> None:
         """Store a batch, retrying a failing database a few times (backoff up to ~3 s in all)
-        before giving up on it; the failure is logged with the count only, never content."""
+        before giving up on it; failures are logged with counts and types only, never content.
+        The AuditEvents are built before the transaction starts."""
         try:
+            items: list[Prepared] = []
+            for record in batch:
+                try:
+                    items.append(prepare_audit(record))
+                except Exception as exc:  # noqa: BLE001 - one bad record must not sink the batch
+                    log.error("audit record not stored: cannot build it (%s)", type(exc).__name__)
+                    self._lost(1)
             for attempt in range(_WRITE_ATTEMPTS):
                 try:
                     with self.db.write() as conn:
-                        write_audit(conn, batch)
+                        store_prepared(conn, items)
                     return
                 except Exception as exc:  # noqa: BLE001 - the writer must survive the database
                     if attempt + 1 == _WRITE_ATTEMPTS:
                         log.error(
-                            "audit batch of %d not stored: %s", len(batch), type(exc).__name__
+                            "audit batch of %d not stored after %d attempts: %s",
+                            len(items),
+                            _WRITE_ATTEMPTS,
+                            type(exc).__name__,
                         )
+                        self._lost(len(items))
                     else:
-                        time.sleep(0.1 * 2**attempt)
+                        self._sleep(0.1 * 2**attempt)
         finally:
             with self._flushed:
                 self._pending -= len(batch)
                 self._flushed.notify_all()
+
+    def _lost(self, n: int) -> None:
+        with self._flushed:
+            self.dropped += n

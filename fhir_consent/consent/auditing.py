@@ -12,9 +12,8 @@ logged for that patient even when it disclosed nothing of theirs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from fhir_consent.audit import AuditRecord, AuditSink, patient_of, write_audit
+from fhir_consent.audit import AuditRecord, AuditSink, patient_of
 from fhir_consent.auth import AccessContext
 from fhir_consent.consent.enforcement import current_filter, search_patients
 from fhir_consent.store.repository import CurrentRow, VersionRow
@@ -91,12 +90,6 @@ class ConsentAuditSink(AuditSink):
                 query=query,
             )
             if group.break_glass:
-                self._write_now(record)
+                self.record_now(record)  # before the response is sent
             else:
                 self.record(record)
-
-    def _write_now(self, record: AuditRecord) -> None:
-        """Store one record in its own transaction, before the response is sent."""
-        db: Any = self.db
-        with db.write() as conn:
-            write_audit(conn, [record])

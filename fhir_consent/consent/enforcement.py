@@ -404,9 +404,26 @@ class ConsentEnforcement:
             ci.patient_id.is_not(None),
             sa.or_(ci.reach_all.is_(True), ci.resource_pk.in_(named)),
         )
+        return self._load(conn, ci.patient_id.in_(hit))
+
+    def patient_consents(self, conn: Connection, patient: Ref) -> list[CompiledConsent]:
+        """Every applicable Consent of one patient (``Patient/id``), in id order: what
+        ``Consent/$decide`` decides over, so that implicit results name their Consents too
+        (:mod:`fhir_consent.consent.decider`)."""
+        kind, _, pid = patient.partition("/")
+        if kind != "Patient" or not pid:
+            return []
+        return self._load(conn, consent_index.c.patient_id == pid).get(patient, [])
+
+    def _load(
+        self, conn: Connection, which: sa.ColumnElement[bool]
+    ) -> dict[Ref, list[CompiledConsent]]:
+        """The applicable Consents of the patients ``which`` selects, compiled once per
+        (id, version) through the cache."""
+        ci = consent_index.c
         rows = conn.execute(
             sa.select(ci.resource_pk, ci.consent_id, ci.version_id, ci.patient_id)
-            .where(ci.applicable.is_(True), ci.patient_id.in_(hit))
+            .where(ci.applicable.is_(True), which)
             .order_by(ci.patient_id, ci.consent_id)
         ).all()
         found: dict[int, CompiledConsent] = {}

@@ -1,0 +1,183 @@
+"""The batched audit writer (fhir_consent/audit.py ``AuditSink``), on SQLite and PostgreSQL.
+
+* its write transactions are short (one multi-row statement per table, the AuditEvents built
+  before the transaction) and, on SQLite, at least ``SQLITE_WRITER_GAP`` apart, longer than
+  SQLite's longest busy-handler sleep, so that a patient's revocation waiting for the write
+  lock always gets it between two audit batches (the load test in test_live.py shows it
+  end to end);
+* the batch insert stores exactly the rows a one-by-one insert stores;
+* nothing is dropped silently: a batch the database refuses after every retry, a record that
+  cannot be built, and records queued with no writer running are logged — counts and
+  exception types only, never patient data — and counted in ``dropped``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from fhir_consent.audit import (
+    SQLITE_WRITER_GAP,
+    AuditRecord,
+    AuditSink,
+    prepare_audit,
+    store_prepared,
+)
+from fhir_consent.auth import AccessContext
+from fhir_consent.store.db import Database
+from fhir_consent.store.repository import Repository
+from fhir_consent.store.tables import idx_date, idx_reference, idx_string, idx_token, resources
+from smart_on_fhir.scopes import parse_scopes
+
+ACCESS = AccessContext(
+    scopes=parse_scopes("system/*.rs"), client_id="system", client_organization="Organization/o"
+)
+SECRET = "Patient/secret-4711"
+
+
+def record(i: int, patient: str = SECRET, **more: Any) -> AuditRecord:
+    return AuditRecord(
+        interaction="read",
+        recorded=1_700_000_000_000_000 + i,
+        permitted=True,
+        access=ACCESS,
+        entities=(f"DocumentReference/d{i}",),
+        patient=patient,
+        decided_by=("Consent/c/_history/1",),
+        reason="consent-explicit",
+        **more,
+    )
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url, pool_size=2)
+    yield database
+    database.dispose()
+
+
+def stored_events(db: Database) -> int:
+    with db.read() as conn:
+        count = conn.execute(
+            sa.select(sa.func.count()).where(resources.c.res_type == "AuditEvent")
+        ).scalar_one()
+    return int(count)
+
+
+class Counting:
+    """A Database whose write transactions are counted (and can be made to fail)."""
+
+    def __init__(self, db: Database, fail: bool = False) -> None:
+        self.inner = db
+        self.is_sqlite = db.is_sqlite
+        self.fail = fail
+        self.writes = 0
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        self.writes += 1
+        if self.fail:
+            raise sa.exc.OperationalError("INSERT", {}, Exception("disk I/O error"))
+        with self.inner.write() as conn:
+            yield conn
+
+
+def test_batches_are_short_transactions_with_a_gap(db: Database) -> None:
+    counting = Counting(db)
+    slept: list[float] = []
+    sink = AuditSink(counting, flush_interval=0.01, sleep=slept.append)  # type: ignore[arg-type]
+    for i in range(1100):  # queued before the writer starts: every batch is full
+        sink.record(record(i))
+    sink.start()
+    assert sink.flush(timeout=60)
+    sink.stop()
+    assert stored_events(db) == 1100 and sink.dropped == 0
+    assert counting.writes == 3  # 500 + 500 + 100, one transaction each
+    assert len(slept) >= 2
+    want = SQLITE_WRITER_GAP if db.is_sqlite else 0.01
+    assert all(s == pytest.approx(want) for s in slept), slept
+    if db.is_sqlite:
+        assert SQLITE_WRITER_GAP > 0.1  # SQLite's longest busy-handler sleep is 100 ms
+
+
+def test_the_batch_insert_stores_what_one_by_one_inserts_store(db: Database) -> None:
+    one, many = prepare_audit(record(1)), [prepare_audit(record(1)) for _ in range(3)]
+    with db.write() as conn:
+        Repository(conn).insert("AuditEvent", *one[:2], one[2], one[3], "POST")
+        assert store_prepared(conn, many) == 3
+
+    def rows(conn: Connection, res_id: str) -> dict[str, list[tuple[Any, ...]]]:
+        pk = conn.execute(sa.select(resources.c.pk).where(resources.c.res_id == res_id)).scalar()
+        out = {}
+        for table in (idx_token, idx_string, idx_reference, idx_date):
+            cols = [c for c in table.c if c.name not in ("id", "resource_pk")]
+            found = conn.execute(sa.select(*cols).where(table.c.resource_pk == pk)).all()
+            out[table.name] = sorted(tuple(r) for r in found)
+        return out
+
+    with db.read() as conn:
+        single = rows(conn, one[0])
+        assert single["idx_token"] and single["idx_reference"] and single["idx_date"]
+        for rid, *_ in many:
+            assert rows(conn, rid) == single  # the same index rows (only the ids differ)
+        pks = conn.execute(
+            sa.select(resources.c.res_id, resources.c.version_id).where(
+                resources.c.res_type == "AuditEvent"
+            )
+        ).all()
+    assert sorted(pks) == sorted((rid, 1) for rid in [one[0], *(m[0] for m in many)])
+
+
+def test_a_refused_batch_is_logged_and_counted(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    failing = Counting(db, fail=True)
+    sink = AuditSink(failing, flush_interval=0.01, sleep=lambda _s: None)  # type: ignore[arg-type]
+    caplog.set_level(logging.ERROR, logger="fhir_consent.audit")
+    for i in range(3):
+        sink.record(record(i))
+    sink.start()
+    assert sink.flush(timeout=30)
+    sink.stop()
+    assert failing.writes == 6  # every retry was tried
+    assert sink.dropped == 3
+    assert "audit batch of 3 not stored after 6 attempts: OperationalError" in caplog.text
+    assert "secret" not in caplog.text and "4711" not in caplog.text
+    assert stored_events(db) == 0
+
+
+def test_a_record_that_cannot_be_built_is_logged_the_others_stored(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = AuditSink(db, flush_interval=0.01, sleep=lambda _s: None)
+    caplog.set_level(logging.ERROR, logger="fhir_consent.audit")
+    sink.record(record(1))
+    sink.record(replace(record(2), recorded=None))  # type: ignore[arg-type] # cannot be built
+    sink.record(record(3))
+    sink.start()
+    assert sink.flush(timeout=30)
+    sink.stop()
+    assert stored_events(db) == 2 and sink.dropped == 1
+    assert "audit record not stored: cannot build it (TypeError)" in caplog.text
+    assert "secret" not in caplog.text
+
+
+def test_records_queued_without_a_writer_are_logged(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = AuditSink(db)  # never started
+    caplog.set_level(logging.ERROR, logger="fhir_consent.audit")
+    sink.record(record(1))
+    sink.record(record(2))
+    sink.stop()
+    assert sink.dropped == 2
+    assert "audit writer not running: 2 audit records not stored" in caplog.text
+    assert "secret" not in caplog.text
+    assert sink.flush(timeout=0.1)  # nothing pending any more
