@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,7 +197,11 @@ _WRITE_ATTEMPTS = 6
 
 
 class AuditSink:
-    """Collects audit records; writes go in the caller's transaction, reads are batched."""
+    """Collects audit records; writes go in the caller's transaction, reads are batched.
+
+    ``observers`` are called with every record as it is recorded (metrics count decisions
+    there); they must be quick and must not raise.
+    """
 
     def __init__(self, db: Database, *, flush_interval: float = 0.1, batch_size: int = 500) -> None:
         self.db = db
@@ -207,12 +211,24 @@ class AuditSink:
         self._thread: threading.Thread | None = None
         self._flushed = threading.Condition()
         self._pending = 0
+        self.observers: list[Callable[[AuditRecord], None]] = []
+
+    @property
+    def pending(self) -> int:
+        """Queued read/search records not yet written."""
+        return self._pending
+
+    def notify(self, record: AuditRecord) -> None:
+        """Tell the observers about a record (every way of recording calls this)."""
+        for observer in self.observers:
+            observer(record)
 
     # -- transactional (writes) -------------------------------------------------------------
 
     def record_in(self, conn: Connection, record: AuditRecord) -> None:
         """Audit a change inside the change's own transaction."""
         write_audit(conn, [record])
+        self.notify(record)
 
     def record_change(
         self,
@@ -240,6 +256,7 @@ class AuditSink:
 
     def record(self, record: AuditRecord) -> None:
         """Queue a read/search audit record (written within ``flush_interval`` seconds)."""
+        self.notify(record)
         with self._flushed:
             self._pending += 1
         self._queue.put(record)

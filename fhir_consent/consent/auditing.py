@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fhir_consent.audit import AuditRecord, AuditSink, patient_of, write_audit
+from fhir_consent.audit import AuditRecord, AuditSink, patient_of
 from fhir_consent.auth import AccessContext
 from fhir_consent.consent.enforcement import current_filter, search_patients
 from fhir_consent.store.repository import CurrentRow, VersionRow
@@ -99,4 +99,4 @@ class ConsentAuditSink(AuditSink):
         """Store one record in its own transaction, before the response is sent."""
         db: Any = self.db
         with db.write() as conn:
-            write_audit(conn, [record])
+            self.record_in(conn, record)
