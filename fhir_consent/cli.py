@@ -403,14 +403,40 @@ def _add_feature_commands(sub: Any) -> None:
     demo.add_parser(sub)
 
 
+def _metrics_dir(settings: Any) -> tuple[str, bool]:
+    """The multiprocess metrics directory for several workers, emptied; whether we made it."""
+    import tempfile
+    from pathlib import Path
+
+    chosen = settings.metrics_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    made = not chosen
+    path = Path(chosen or tempfile.mkdtemp(prefix="fhir-consent-metrics-"))
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):  # values of a previous run's workers
+        stale.unlink()
+    return str(path), made
+
+
 def _serve(args: argparse.Namespace) -> int:
+    """Run the server: migrate once, create missing keys once, then start the workers.
+
+    Logging is configured (``log_format``, ``log_level``) in this process and in every worker;
+    with several workers the Prometheus multiprocess directory is prepared before they start.
+    SIGTERM (or Ctrl-C) stops gracefully: no new connections, in-flight requests finish (up
+    to ``shutdown_timeout`` seconds), then each worker's shutdown writes its queued audit
+    events and stops the ledger relay.
+    """
+    import shutil
+
     import uvicorn
 
     from fhir_consent.config import Settings
+    from fhir_consent.ops.logs import configure_logging, logging_config
     from fhir_consent.store.migrate import upgrade
 
     overrides = {k: v for k, v in (("database_url", args.database_url),) if v}
     settings = Settings(**overrides)
+    configure_logging(settings.log_format, settings.log_level)
     if args.database_url:
         os.environ["FHIR_CONSENT_DATABASE_URL"] = args.database_url
     upgrade(settings.database_url)  # once, before workers start
@@ -421,15 +447,27 @@ def _serve(args: argparse.Namespace) -> int:
         _keys, created = load_or_create(settings.smart_keys_dir)  # before workers start
         if created:
             print("created SMART signing keys in", settings.smart_keys_dir)  # noqa: T201
-    uvicorn.run(
-        "fhir_consent.main:app",
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        workers=args.workers or settings.workers,
-        log_level=settings.log_level,
-        proxy_headers=True,
-        access_log=False,
-    )
+    workers = args.workers or settings.workers
+    metrics_dir: str | None = None
+    made = False
+    if workers > 1:
+        metrics_dir, made = _metrics_dir(settings)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by each worker at import
+    try:
+        uvicorn.run(
+            "fhir_consent.main:app",
+            host=args.host or settings.host,
+            port=args.port or settings.port,
+            workers=workers,
+            log_level=settings.log_level,
+            log_config=logging_config(settings.log_format, settings.log_level),
+            proxy_headers=True,
+            access_log=False,  # the server's own access log has no ids or query values
+            timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
+        )
+    finally:
+        if made and metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
