@@ -212,6 +212,7 @@ class AuditSink:
         self._flushed = threading.Condition()
         self._pending = 0
         self.observers: list[Callable[[AuditRecord], None]] = []
+        self._stopping = threading.Event()  # cuts the pause between batches short at stop()
 
     @property
     def pending(self) -> int:
@@ -306,8 +307,10 @@ class AuditSink:
         """Flush everything queued and stop the writer."""
         if self._thread is not None:
             self._queue.put(None)
+            self._stopping.set()
             self._thread.join(timeout=30)
             self._thread = None
+            self._stopping.clear()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued record is stored (tests, shutdown)."""
@@ -342,7 +345,7 @@ class AuditSink:
             if batch:
                 self._write(batch)
                 if not stop:
-                    time.sleep(self.flush_interval)
+                    self._stopping.wait(self.flush_interval)
 
     def _write(self, batch: list[AuditRecord]) -> None:
         """Store a batch, retrying a failing database a few times (backoff up to ~3 s in all)

@@ -85,7 +85,7 @@ def _key_loader(app: FastAPI, settings: Settings) -> Any:
     return load
 
 
-def _add_routes(app: FastAPI, settings: Settings, ops: Ops) -> None:
+def _add_routes(app: FastAPI, settings: Settings, ops: Ops, ctx_sink: AuditSink | None) -> None:
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"}, headers=_NO_STORE)
 
@@ -104,6 +104,8 @@ def _add_routes(app: FastAPI, settings: Settings, ops: Ops) -> None:
                     headers={"www-authenticate": 'Bearer realm="metrics"'},
                 )
             return JSONResponse({"error": "forbidden"}, status_code=403)
+        if ctx_sink is not None:  # this worker's own value, up to date
+            ops.metrics.audit_queue.set(ctx_sink.pending)
         body, media_type = await run_in_threadpool(ops.metrics.render)
         return Response(body, media_type=media_type, headers=_NO_STORE)
 
@@ -145,7 +147,7 @@ def install(app: FastAPI) -> Ops:
     sink = ctx.audit
     if sink is not None:
         sink.observers.append(ops.metrics.observe_decision)
-    _add_routes(app, settings, ops)
+    _add_routes(app, settings, ops, sink)
     web = getattr(getattr(app.state, "web", None), "app_path", "/app")
     app.add_middleware(
         OpsMiddleware,
