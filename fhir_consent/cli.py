@@ -1,6 +1,8 @@
 """The ``fhir-consent`` command.
 
-* ``serve`` and ``migrate``;
+* ``serve [--workers N]`` (graceful on SIGTERM) and ``migrate``;
+* ``backup create DIR [--no-keys]``, ``backup restore DIR``, ``backup verify DIR``: database,
+  document blobs and keys (:mod:`fhir_consent.ops.backup`);
 * ``keys init [--smart] [--ledger] [--documents] [--dir DIR] [--force]`` (every kind when no
   kind flag is given), ``keys rotate --smart [--alg RS256] | --ledger``, ``keys show``: the
   SMART token signing keys, the ledger key ring and the document master key file;
@@ -471,6 +473,70 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup(args: argparse.Namespace) -> int:
+    """``backup create|restore|verify DIR`` (:mod:`fhir_consent.ops.backup`)."""
+    from pathlib import Path
+
+    from fhir_consent.documents.config import DocumentSettings
+    from fhir_consent.ledger.config import LedgerSettings
+    from fhir_consent.ops.backup import (
+        BackupError,
+        create_backup,
+        restore_backup,
+        verify_backup,
+    )
+
+    directory = Path(args.dir)
+    try:
+        if args.backup == "verify":
+            problems = verify_backup(directory)
+            for problem in problems:
+                print("PROBLEM:", problem)  # noqa: T201
+            print("FAILED" if problems else "OK: every file matches the manifest")  # noqa: T201
+            return 1 if problems else 0
+        layers = {
+            "settings": _settings(args),
+            "documents": DocumentSettings(),
+            "ledger": LedgerSettings(),
+        }
+        if args.backup == "create":
+            manifest = create_backup(directory, include_keys=not args.no_keys, **layers)
+        else:
+            manifest = restore_backup(directory, **layers)
+    except BackupError as error:
+        return _fail(str(error))
+    _print_json(
+        {
+            "backup": str(directory),
+            "source_backend": manifest.source_backend,
+            "revision": manifest.revision,
+            "rows": sum(manifest.tables.values()),
+            "blobs": manifest.blobs,
+            "keys": manifest.keys,
+        }
+    )
+    return 0
+
+
+def _add_backup_commands(sub: Any) -> None:
+    backup = sub.add_parser("backup", help="back up or restore database, document blobs, keys")
+    bsub = backup.add_subparsers(dest="backup", required=True)
+    create = bsub.add_parser("create", help="write a backup into DIR (new or empty)")
+    create.add_argument("dir")
+    create.add_argument("--database-url", help="overrides FHIR_CONSENT_DATABASE_URL")
+    create.add_argument(
+        "--no-keys", action="store_true", help="leave the keys out (back them up apart)"
+    )
+    create.set_defaults(func=_backup)
+    restore = bsub.add_parser("restore", help="restore DIR into an empty installation")
+    restore.add_argument("dir")
+    restore.add_argument("--database-url", help="overrides FHIR_CONSENT_DATABASE_URL")
+    restore.set_defaults(func=_backup)
+    verify = bsub.add_parser("verify", help="check every file of DIR against its manifest")
+    verify.add_argument("dir")
+    verify.set_defaults(func=_backup)
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from fhir_consent.config import Settings
     from fhir_consent.store.migrate import upgrade
@@ -499,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _add_admin_commands(sub)
     _add_feature_commands(sub)
+    _add_backup_commands(sub)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)
