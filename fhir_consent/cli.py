@@ -428,6 +428,7 @@ def _serve(args: argparse.Namespace) -> int:
     to ``shutdown_timeout`` seconds), then each worker's shutdown writes its queued audit
     events and stops the ledger relay.
     """
+    import logging
     import shutil
 
     import uvicorn
@@ -447,8 +448,10 @@ def _serve(args: argparse.Namespace) -> int:
         from smart_on_fhir.keys import load_or_create
 
         _keys, created = load_or_create(settings.smart_keys_dir)  # before workers start
-        if created:
-            print("created SMART signing keys in", settings.smart_keys_dir)  # noqa: T201
+        if created:  # a log line like every other (JSON by default)
+            logging.getLogger("fhir_consent").warning(
+                "created SMART signing keys in %s", settings.smart_keys_dir
+            )
     workers = args.workers or settings.workers
     metrics_dir: str | None = None
     made = False
