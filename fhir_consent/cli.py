@@ -469,6 +469,7 @@ def _serve(args: argparse.Namespace) -> int:
             proxy_headers=True,
             access_log=False,  # the server's own access log has no ids or query values
             timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
+            timeout_worker_healthcheck=settings.worker_healthcheck_timeout,
         )
     finally:
         if made and metrics_dir is not None:

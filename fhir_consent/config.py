@@ -172,6 +172,13 @@ class Settings(BaseSettings):
         description="Seconds a stopping worker (SIGTERM) waits for in-flight requests before "
         "it cancels them; queued audit events are written after that, in every case",
     )
+    worker_healthcheck_timeout: int = Field(
+        default=30,
+        ge=1,
+        description="Seconds the serve supervisor waits for a worker to answer its health ping "
+        "before it kills and replaces the worker (several workers only; uvicorn's default of 5 "
+        "kills workers that start slowly on a loaded machine)",
+    )
     audit_flush_interval: float = Field(
         default=0.1,
         gt=0,
