@@ -60,6 +60,8 @@ from fhir_consent.fhir.services import Clock, system_clock
 from fhir_consent.ledger.api import install as install_ledger
 from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.limits import BodyLimit
+from fhir_consent.ops import install as install_ops
+from fhir_consent.ops import route_template
 from fhir_consent.store.db import Database
 from fhir_consent.store.migrate import upgrade
 from fhir_consent.web import install as install_web
@@ -218,6 +220,7 @@ def create_app(
     environment's, and so does each layer's settings object."""
     app = create_core_app(settings, clock=clock)
     install_layers(app, consent=consent, ledger=ledger, documents=documents, web=web)
+    install_ops(app)  # outermost: request ids, access log, metrics, /healthz, /readyz
     return app
 
 
@@ -240,7 +243,7 @@ def install_layers(
     install_ledger(app, ctx, ledger if ledger is not None else LedgerSettings())
     layer = install_consent(ctx, consent if consent is not None else ConsentSettings())
     install_decider(app, ctx, layer)  # POST [base]/Consent/$decide for gateways
-    sink = ConsentAuditSink(ctx.db)
+    sink = ConsentAuditSink(ctx.db, flush_interval=ctx.settings.audit_flush_interval)
     ctx.audit = sink
     store = install_documents(
         app, ctx, documents if documents is not None else DocumentSettings()
@@ -333,7 +336,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
-        # Log the type and where, never the message: library messages can carry input values.
+        # Log the type and where, never the message: library messages can carry input values;
+        # the route template, not the path, which can carry a patient's id.
         tb = exc.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
@@ -343,7 +347,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             type(exc).__name__,
             where,
             request.method,
-            request.url.path,
+            route_template(request.scope, (request.app.state.fhir.settings.fhir_path,)),
         )
         return fhir_response(
             operation_outcome([Issue("Internal server error", "exception", "fatal")]), 500

@@ -238,6 +238,9 @@ SQLITE_WRITER_GAP = 0.15
 class AuditSink:
     """Collects audit records; writes go in the caller's transaction, reads are batched.
 
+    ``observers`` are called with every record as it is recorded (metrics count decisions
+    there); they must be quick and must not raise.
+
     Nothing is dropped silently: a batch the database refuses after all retries, a record
     that cannot be built, and records still queued when :meth:`stop` gives up are logged
     (counts and exception types only, never content) and counted in :attr:`dropped`.
@@ -249,7 +252,7 @@ class AuditSink:
         *,
         flush_interval: float = 0.1,
         batch_size: int = 500,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
         self.db = db
         self.flush_interval = flush_interval
@@ -257,17 +260,32 @@ class AuditSink:
         #: pause after each write transaction (at least :data:`SQLITE_WRITER_GAP` on SQLite)
         self.gap = max(flush_interval, SQLITE_WRITER_GAP if getattr(db, "is_sqlite", False) else 0)
         self.dropped = 0
-        self._sleep = sleep
+        self._stopping = threading.Event()  # cuts the pause between batches short at stop()
+        self._sleep = sleep or time.sleep  # retry backoff
+        #: the pause between batches: interruptible by stop() unless a test injects a sleep
+        self._pause: Callable[[float], object] = sleep or self._stopping.wait
         self._queue: queue.Queue[AuditRecord | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._flushed = threading.Condition()
         self._pending = 0
+        self.observers: list[Callable[[AuditRecord], None]] = []
+
+    @property
+    def pending(self) -> int:
+        """Queued read/search records not yet written."""
+        return self._pending
+
+    def notify(self, record: AuditRecord) -> None:
+        """Tell the observers about a record (every way of recording calls this)."""
+        for observer in self.observers:
+            observer(record)
 
     # -- transactional (writes) -------------------------------------------------------------
 
     def record_in(self, conn: Connection, record: AuditRecord) -> None:
         """Audit a change inside the change's own transaction."""
         write_audit(conn, [record])
+        self.notify(record)
 
     def record_now(self, record: AuditRecord) -> None:
         """Store one record in its own transaction before returning (break-glass: the
@@ -276,6 +294,7 @@ class AuditSink:
         prepared = prepare_audit(record)
         with self.db.write() as conn:
             store_prepared(conn, [prepared])
+        self.notify(record)
 
     def record_change(
         self,
@@ -303,6 +322,7 @@ class AuditSink:
 
     def record(self, record: AuditRecord) -> None:
         """Queue a read/search audit record (written within ``flush_interval`` seconds)."""
+        self.notify(record)
         with self._flushed:
             self._pending += 1
         self._queue.put(record)
@@ -353,7 +373,9 @@ class AuditSink:
         ``timeout`` seconds (or with no writer running) is logged as not stored."""
         if self._thread is not None:
             self._queue.put(None)
+            self._stopping.set()
             self._thread.join(timeout=timeout)
+            self._stopping.clear()
             alive = self._thread.is_alive()
             self._thread = None
             if alive:
@@ -413,7 +435,7 @@ class AuditSink:
             if batch:
                 self._write(batch)
                 if not stop:
-                    self._sleep(self.gap)
+                    self._pause(self.gap)
 
     def _write(self, batch: list[AuditRecord]) -> None:
         """Store a batch, retrying a failing database a few times (backoff up to ~3 s in all)

@@ -1,6 +1,8 @@
 """The ``fhir-consent`` command.
 
-* ``serve`` and ``migrate``;
+* ``serve [--workers N]`` (graceful on SIGTERM) and ``migrate``;
+* ``backup create DIR [--no-keys]``, ``backup restore DIR``, ``backup verify DIR``: database,
+  document blobs and keys (:mod:`fhir_consent.ops.backup`);
 * ``keys init [--smart] [--ledger] [--documents] [--dir DIR] [--force]`` (every kind when no
   kind flag is given), ``keys rotate --smart [--alg RS256] | --ledger``, ``keys show``: the
   SMART token signing keys, the ledger key ring and the document master key file;
@@ -403,14 +405,41 @@ def _add_feature_commands(sub: Any) -> None:
     demo.add_parser(sub)
 
 
+def _metrics_dir(settings: Any) -> tuple[str, bool]:
+    """The multiprocess metrics directory for several workers, emptied; whether we made it."""
+    import tempfile
+    from pathlib import Path
+
+    chosen = settings.metrics_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    made = not chosen
+    path = Path(chosen or tempfile.mkdtemp(prefix="fhir-consent-metrics-"))
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):  # values of a previous run's workers
+        stale.unlink()
+    return str(path), made
+
+
 def _serve(args: argparse.Namespace) -> int:
+    """Run the server: migrate once, create missing keys once, then start the workers.
+
+    Logging is configured (``log_format``, ``log_level``) in this process and in every worker;
+    with several workers the Prometheus multiprocess directory is prepared before they start.
+    SIGTERM (or Ctrl-C) stops gracefully: no new connections, in-flight requests finish (up
+    to ``shutdown_timeout`` seconds), then each worker's shutdown writes its queued audit
+    events and stops the ledger relay.
+    """
+    import logging
+    import shutil
+
     import uvicorn
 
     from fhir_consent.config import Settings
+    from fhir_consent.ops.logs import configure_logging, logging_config
     from fhir_consent.store.migrate import upgrade
 
     overrides = {k: v for k, v in (("database_url", args.database_url),) if v}
     settings = Settings(**overrides)
+    configure_logging(settings.log_format, settings.log_level)
     if args.database_url:
         os.environ["FHIR_CONSENT_DATABASE_URL"] = args.database_url
     upgrade(settings.database_url)  # once, before workers start
@@ -419,18 +448,97 @@ def _serve(args: argparse.Namespace) -> int:
         from smart_on_fhir.keys import load_or_create
 
         _keys, created = load_or_create(settings.smart_keys_dir)  # before workers start
-        if created:
-            print("created SMART signing keys in", settings.smart_keys_dir)  # noqa: T201
-    uvicorn.run(
-        "fhir_consent.main:app",
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        workers=args.workers or settings.workers,
-        log_level=settings.log_level,
-        proxy_headers=True,
-        access_log=False,
+        if created:  # a log line like every other (JSON by default)
+            logging.getLogger("fhir_consent").warning(
+                "created SMART signing keys in %s", settings.smart_keys_dir
+            )
+    workers = args.workers or settings.workers
+    metrics_dir: str | None = None
+    made = False
+    if workers > 1:
+        metrics_dir, made = _metrics_dir(settings)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by each worker at import
+    try:
+        uvicorn.run(
+            "fhir_consent.main:app",
+            host=args.host or settings.host,
+            port=args.port or settings.port,
+            workers=workers,
+            log_level=settings.log_level,
+            log_config=logging_config(settings.log_format, settings.log_level),
+            proxy_headers=True,
+            access_log=False,  # the server's own access log has no ids or query values
+            timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
+            timeout_worker_healthcheck=settings.worker_healthcheck_timeout,
+        )
+    finally:
+        if made and metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    """``backup create|restore|verify DIR`` (:mod:`fhir_consent.ops.backup`)."""
+    from pathlib import Path
+
+    from fhir_consent.documents.config import DocumentSettings
+    from fhir_consent.ledger.config import LedgerSettings
+    from fhir_consent.ops.backup import (
+        BackupError,
+        create_backup,
+        restore_backup,
+        verify_backup,
+    )
+
+    directory = Path(args.dir)
+    try:
+        if args.backup == "verify":
+            problems = verify_backup(directory)
+            for problem in problems:
+                print("PROBLEM:", problem)  # noqa: T201
+            print("FAILED" if problems else "OK: every file matches the manifest")  # noqa: T201
+            return 1 if problems else 0
+        layers = {
+            "settings": _settings(args),
+            "documents": DocumentSettings(),
+            "ledger": LedgerSettings(),
+        }
+        if args.backup == "create":
+            manifest = create_backup(directory, include_keys=not args.no_keys, **layers)
+        else:
+            manifest = restore_backup(directory, **layers)
+    except BackupError as error:
+        return _fail(str(error))
+    _print_json(
+        {
+            "backup": str(directory),
+            "source_backend": manifest.source_backend,
+            "revision": manifest.revision,
+            "rows": sum(manifest.tables.values()),
+            "blobs": manifest.blobs,
+            "keys": manifest.keys,
+        }
     )
     return 0
+
+
+def _add_backup_commands(sub: Any) -> None:
+    backup = sub.add_parser("backup", help="back up or restore database, document blobs, keys")
+    bsub = backup.add_subparsers(dest="backup", required=True)
+    create = bsub.add_parser("create", help="write a backup into DIR (new or empty)")
+    create.add_argument("dir")
+    create.add_argument("--database-url", help="overrides FHIR_CONSENT_DATABASE_URL")
+    create.add_argument(
+        "--no-keys", action="store_true", help="leave the keys out (back them up apart)"
+    )
+    create.set_defaults(func=_backup)
+    restore = bsub.add_parser("restore", help="restore DIR into an empty installation")
+    restore.add_argument("dir")
+    restore.add_argument("--database-url", help="overrides FHIR_CONSENT_DATABASE_URL")
+    restore.set_defaults(func=_backup)
+    verify = bsub.add_parser("verify", help="check every file of DIR against its manifest")
+    verify.add_argument("dir")
+    verify.set_defaults(func=_backup)
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -461,6 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _add_admin_commands(sub)
     _add_feature_commands(sub)
+    _add_backup_commands(sub)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

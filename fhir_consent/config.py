@@ -8,6 +8,7 @@ machine with nothing configured: a SQLite file in the working directory and port
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,17 +31,32 @@ class Settings(BaseSettings):
         "When unset it is derived from the request (Host, X-Forwarded-*) and the mount point.",
     )
     fhir_path: str = Field(default="/fhir", description="Path of the FHIR base inside the app")
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
+    host: str = Field(default="127.0.0.1", description="Interface fhir-consent serve binds")
+    port: int = Field(default=8000, description="Port fhir-consent serve listens on")
+    workers: int = Field(
+        default=1,
+        description="Worker processes of fhir-consent serve (use PostgreSQL for more than one)",
+    )
     auto_migrate: bool = Field(
         default=True, description="Run migrations at start-up (always safe for embedded SQLite)"
     )
-    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    default_page_size: int = Field(default=20, ge=1, le=1000)
-    max_page_size: int = Field(default=1000, ge=1, le=10000)
-    db_pool_size: int = Field(default=10, ge=1)
-    log_level: str = "info"
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest request body (413 above it)"
+    )
+    default_page_size: int = Field(
+        default=20, ge=1, le=1000, description="Search page size when _count is not given"
+    )
+    max_page_size: int = Field(
+        default=1000, ge=1, le=10000, description="Largest _count a search may ask for"
+    )
+    db_pool_size: int = Field(
+        default=10,
+        ge=1,
+        description="Database connections per worker (PostgreSQL: as many again may overflow)",
+    )
+    log_level: str = Field(
+        default="info", description="debug, info, warning or error (libraries: warning at least)"
+    )
 
     # -- SMART App Launch 2.2 authorization server (smart_on_fhir) ----------------------------
     open_access: bool = Field(
@@ -107,6 +123,68 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Extra origins allowed to call the token endpoint and the FHIR API "
         "(registered clients' redirect origins are always allowed)",
+    )
+
+    # -- operations (fhir_consent.ops; docs/operations.md) ------------------------------------
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="Log lines as one JSON object each (json) or as plain text (text). Either "
+        "way no log line carries patient data: requests are logged by route template, "
+        "exception messages are never logged (docs/operations.md, Logs).",
+    )
+    access_log: bool = Field(
+        default=True,
+        description="One log line per request (request id, method, route template, status, "
+        "duration); health and metrics probes are logged at debug level",
+    )
+    trust_request_id: bool = Field(
+        default=True,
+        description="Reuse a well-formed incoming X-Request-ID (8-64 characters of "
+        "[A-Za-z0-9._-], as a proxy sets it) instead of generating one",
+    )
+    metrics_enabled: bool = Field(
+        default=True, description="Serve Prometheus metrics at /metrics (404 when false)"
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="When set, /metrics needs 'Authorization: Bearer <token>' (from anywhere). "
+        "When unset, /metrics answers only direct loopback clients (no X-Forwarded-For / "
+        "Forwarded header), so a reverse proxy never exposes it.",
+    )
+    metrics_dir: str | None = Field(
+        default=None,
+        description="Directory of prometheus-client's multiprocess files when serving with "
+        "several workers (PROMETHEUS_MULTIPROC_DIR); a fresh temporary directory when unset. "
+        "Emptied at start-up.",
+    )
+    ready_max_outbox_backlog: int = Field(
+        default=10_000,
+        ge=0,
+        description="/readyz answers 503 when more ledger entries than this wait in the "
+        "outbox for the external ledger (pending or sent, not yet confirmed)",
+    )
+    ready_timeout: float = Field(
+        default=2.0, gt=0, le=60, description="Seconds /readyz waits for the database"
+    )
+    shutdown_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a stopping worker (SIGTERM) waits for in-flight requests before "
+        "it cancels them; queued audit events are written after that, in every case",
+    )
+    worker_healthcheck_timeout: int = Field(
+        default=30,
+        ge=1,
+        description="Seconds the serve supervisor waits for a worker to answer its health ping "
+        "before it kills and replaces the worker (several workers only; uvicorn's default of 5 "
+        "kills workers that start slowly on a loaded machine)",
+    )
+    audit_flush_interval: float = Field(
+        default=0.1,
+        gt=0,
+        le=60,
+        description="Seconds between two batched writes of read/search AuditEvents (the "
+        "queue is flushed at shutdown)",
     )
 
 
