@@ -19,6 +19,7 @@ import random
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,7 @@ class Stream:
                             "type": "transaction",
                             "entry": [
                                 {
-                                    "fullUrl": f"urn:uuid:{seed:04d}{i:04d}-0000-4000-8000-00000000000{k}",
+                                    "fullUrl": f"urn:uuid:{uuid.uuid4()}",
                                     "resource": consent_resource(f"Patient/p{k}"),
                                     "request": {"method": "POST", "url": "Consent"},
                                 }
