@@ -106,6 +106,47 @@ class LedgerSettings(BaseSettings):
         default=None, description="Unlocked sender account (default: the node's first account)"
     )
     evm_max_batch_bytes: int = Field(default=96 * 1024, ge=4096, description="Calldata cap")
+    evm_send: Literal["auto", "unlocked", "raw"] = Field(
+        default="auto",
+        description="unlocked: eth_sendTransaction from an account the node holds (Anvil's dev "
+        "accounts); raw: sign locally and send with eth_sendRawTransaction (Besu and other "
+        "permissioned nodes); auto: raw when a private key is configured, else unlocked",
+    )
+    evm_private_key: SecretStr | None = Field(
+        default=None,
+        description="secp256k1 private key (0x + 64 hex digits) of the sending account, for "
+        "raw sending; prefer evm_private_key_file",
+    )
+    evm_private_key_file: str | None = Field(
+        default=None,
+        description="File (mode 0600) holding the private key as hex, or an encrypted JSON "
+        "keystore (V3) unlocked with evm_keystore_password",
+    )
+    evm_keystore_password: SecretStr | None = Field(
+        default=None, description="Password of the JSON keystore in evm_private_key_file"
+    )
+    evm_chain_id: int | None = Field(
+        default=None,
+        ge=1,
+        description="Expected chain id; the node's eth_chainId is used and must equal it when "
+        "set (a guard against signing for the wrong network)",
+    )
+    evm_tx_type: Literal["auto", "legacy", "eip1559"] = Field(
+        default="auto",
+        description="Raw transaction type: eip1559 (type 2) when the chain has a base fee, "
+        "else legacy (free-gas QBFT networks)",
+    )
+    evm_gas_price: int | None = Field(
+        default=None,
+        ge=0,
+        description="Legacy gas price in wei (default: the node's eth_gasPrice; 0 on free-gas "
+        "networks)",
+    )
+    evm_priority_fee: int | None = Field(
+        default=None,
+        ge=0,
+        description="EIP-1559 priority fee in wei (default: eth_maxPriorityFeePerGas, else 0)",
+    )
 
     @field_validator("origin")
     @classmethod

@@ -45,6 +45,7 @@ __all__ = [
     "EngineRejected",
     "EngineUnavailable",
     "LedgerEngine",
+    "PrepareContext",
     "StaleParameters",
     "TxStatus",
     "create_engine",
@@ -98,6 +99,21 @@ class TxStatus:
         return -1 if self.height is None else self.tip - self.height
 
 
+@dataclass(frozen=True, slots=True)
+class PrepareContext:
+    """What the relay knows when it asks for a batch's parameters.
+
+    ``in_flight``: the parameters of this engine's batches that are not confirmed yet, plus
+    those of the newest batch, oldest first (EVM: nonces already taken, so the next batch
+    takes the one after them even when the node has forgotten its pool). ``replacing``: the
+    parameters this batch had when they went stale (EVM: keep its nonce when that nonce was
+    never used, so no hole opens before later batches).
+    """
+
+    in_flight: Sequence[Mapping[str, Any]] = ()
+    replacing: Mapping[str, Any] | None = None
+
+
 @runtime_checkable
 class LedgerEngine(Protocol):
     """An external ledger the relay anchors entries on (ledger.md §3)."""
@@ -109,7 +125,9 @@ class LedgerEngine(Protocol):
         alone exceeds the engine's limits (the relay then marks it skipped)."""
         ...
 
-    def prepare(self, items: Sequence[AnchorItem]) -> dict[str, Any]:
+    def prepare(
+        self, items: Sequence[AnchorItem], context: PrepareContext | None = None
+    ) -> dict[str, Any]:
         """Parameters (JSON-serialisable) that make the batch's transaction repeatable."""
         ...
 

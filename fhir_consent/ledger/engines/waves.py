@@ -40,6 +40,7 @@ from fhir_consent.ledger.engines.base import (
     EngineProtocolError,
     EngineRejected,
     EngineUnavailable,
+    PrepareContext,
     TxStatus,
     register_engine,
 )
@@ -184,7 +185,9 @@ class WavesEngine:
                 return n
         return min(len(items), MAX_ENTRIES)
 
-    def prepare(self, items: Sequence[AnchorItem]) -> dict[str, Any]:
+    def prepare(
+        self, items: Sequence[AnchorItem], context: PrepareContext | None = None
+    ) -> dict[str, Any]:
         return {"timestamp": int(self._clock_ms())}
 
     def transaction(self, items: Sequence[AnchorItem], params: Mapping[str, Any]) -> dict[str, Any]:
