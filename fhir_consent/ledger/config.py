@@ -11,7 +11,7 @@ store should prefer.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -66,9 +66,17 @@ class LedgerSettings(BaseSettings):
         description="Serve $ledger-checkpoint and $ledger-consistency without a token (they "
         "carry no personal data; witnesses need them)",
     )
-    engine: Literal["embedded", "waves", "evm"] = Field(
+    engine: str = Field(
         default="embedded",
-        description="External ledger the relay anchors entries on (embedded = none)",
+        pattern=r"^[a-z][a-z0-9_.-]{0,31}$",
+        description="External ledger the relay anchors entries on, by name in the "
+        "fhir_consent.ledger_engines entry-point group: embedded (none), waves, evm, or a "
+        "third-party engine (docs/ledger-engines.md)",
+    )
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings of a third-party engine (JSON object; the built-in engines "
+        "have their own fields below)",
     )
     relay_in_process: bool = Field(
         default=True,

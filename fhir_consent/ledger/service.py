@@ -46,6 +46,7 @@ from fhir_consent.crypto import (
 from fhir_consent.fhir.services import WriteEvent
 from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.ledger.embedded import EmbeddedLog, NewEntry
+from fhir_consent.ledger.engines.base import EMBEDDED
 from fhir_consent.ledger.entry import KINDS, event_for_consent
 from fhir_consent.requestctx import current_access
 
@@ -225,5 +226,5 @@ def build_ledger(
     """Load keys and wire the embedded log and the write listener."""
     ring = keyring if keyring is not None else load_keyring(settings)
     origin = settings.resolved_origin(public_base_url)
-    embedded = EmbeddedLog(ring, origin, clock=clock, outbox=settings.engine != "embedded")
+    embedded = EmbeddedLog(ring, origin, clock=clock, outbox=settings.engine != EMBEDDED)
     return Ledger(settings, ring, origin, embedded, LedgerListener(embedded))

@@ -58,7 +58,6 @@ from fhir_consent.ledger.engines.base import (
     PrepareContext,
     StaleParameters,
     TxStatus,
-    register_engine,
 )
 
 if TYPE_CHECKING:
@@ -558,5 +557,3 @@ class EvmEngine:
     def close(self) -> None:
         self._client.close()
 
-
-register_engine("evm", EvmEngine.from_settings)

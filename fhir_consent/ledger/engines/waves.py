@@ -42,7 +42,6 @@ from fhir_consent.ledger.engines.base import (
     EngineUnavailable,
     PrepareContext,
     TxStatus,
-    register_engine,
 )
 
 __all__ = [
@@ -313,5 +312,3 @@ class WavesEngine:
     def close(self) -> None:
         self._client.close()
 
-
-register_engine("waves", WavesEngine.from_settings)
