@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import math
 import os
+import re
 import secrets
 import stat
 from collections.abc import Mapping
@@ -61,6 +62,7 @@ __all__ = [
     "b64decode",
     "b64encode",
     "canonical_json",
+    "canonical_json_text",
     "pseudonym",
     "sha256_hex",
 ]
@@ -268,6 +270,48 @@ def canonical_json(obj: Any) -> bytes:
         return "".join(out).encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("lone surrogate in string") from None
+
+
+_STRING_TOKEN: Final = re.compile(rb'"(?:[^"\\]|\\.)*"')
+#: In orjson's output with the strings removed: a float (a digit then '.', 'e' or 'E') or an
+#: integer of 16 digits or more (possibly beyond 2**53).
+_NOT_FAST_NUMBER: Final = re.compile(rb"[0-9][.eE]|[0-9]{16}")
+
+
+def canonical_json_text(text: bytes | str) -> tuple[Any, bytes]:
+    """Parse JSON text and return ``(value, canonical_json(value))`` — the same bytes as
+    :func:`canonical_json`, cheaper for the usual document.
+
+    Parsed JSON text holds only objects, arrays, strings, integers, floats, booleans and null
+    (never NaN, infinities or other types), so the orjson bytes are canonical unless they hold
+    a float, an integer beyond 2**53, or a non-ASCII key (see :func:`_check_tree`). Instead of
+    walking the value in Python, this looks for those in orjson's output: with every string
+    token removed, a digit followed by ``.``/``e``/``E`` is a float and 16 digits in a row may
+    be a large integer; non-ASCII output may hold a non-ASCII key. Any of these sends the
+    value through :func:`canonical_json` (so the rules, limits and errors are the same).
+    Raises :class:`ValueError` for invalid JSON.
+    """
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise ValueError("not valid JSON") from None
+    try:
+        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        return value, canonical_json(value)  # raises the canonical error
+    if not out.isascii() or _NOT_FAST_NUMBER.search(_STRING_TOKEN.sub(b"", out)):
+        return value, canonical_json(value)
+    if out.count(b"[") + out.count(b"{") > 100 and _depth(value) > 100:
+        raise ValueError("JSON value nested too deeply")
+    return value, out
+
+
+def _depth(obj: object) -> int:
+    if isinstance(obj, dict):
+        return 1 + max((_depth(v) for v in obj.values()), default=0)
+    if isinstance(obj, list):
+        return 1 + max((_depth(v) for v in obj), default=0)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from fhir_consent.crypto import (
     b64decode,
     b64encode,
     canonical_json,
+    canonical_json_text,
     sha256_hex,
 )
 from fhir_consent.ledger.merkle import leaf_hash
@@ -69,6 +70,7 @@ __all__ = [
     "EntryError",
     "LedgerEntry",
     "build_entry",
+    "build_entry_bytes",
     "check_subject",
     "entry_bytes",
     "entry_from_bytes",
@@ -114,6 +116,7 @@ _KID_RE: Final = re.compile(r"[0-9a-f]{16}")
 _TS_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 _MAX_SEQ: Final = 2**53 - 1  # also exact in JavaScript (browser verifier)
 _SEALED_OVERHEAD: Final = 48  # ephemeral X25519 key + Poly1305 tag
+_PLACEHOLDER_SIG: Final = b64encode(bytes(64))
 
 
 class EntryError(ValueError):
@@ -315,21 +318,38 @@ def build_entry(
     only inside the sealed box. ``patient_ref`` (e.g. ``Patient/123``) appears only as its keyed
     pseudonym.
     """
+    return build_entry_bytes(
+        seq, ts, kind, ref, event, patient_ref, resource_json_bytes, actor, keyring
+    )[0]
+
+
+def build_entry_bytes(
+    seq: int,
+    ts: _dt.datetime,
+    kind: str,
+    ref: str,
+    event: str,
+    patient_ref: str,
+    resource_json_bytes: bytes | None,
+    actor: str,
+    keyring: KeyRing,
+) -> tuple[LedgerEntry, bytes]:
+    """:func:`build_entry` and the entry's canonical bytes (:func:`entry_bytes`) at once."""
     m = _REF_RE.fullmatch(ref) if isinstance(ref, str) else None
     if kind not in KINDS or m is None or m.group(1) != kind:
         raise EntryError(f"ref {ref!r} is not a {kind} version reference")
     if not isinstance(actor, str) or not actor:
         raise EntryError("actor must be a non-empty string")
-    resource: dict[str, Any] | None
+    resource: Any
     if resource_json_bytes is None:
         if event != "deleted":
             raise EntryError("only a 'deleted' entry may omit the resource")
-        resource = None
+        resource, resource_canonical = None, b"null"
     else:
         try:
-            resource = orjson.loads(resource_json_bytes)
-        except orjson.JSONDecodeError:
-            raise EntryError("resource is not valid JSON") from None
+            resource, resource_canonical = canonical_json_text(resource_json_bytes)
+        except ValueError as exc:
+            raise EntryError(f"resource cannot be canonicalised: {exc}") from None
         if not isinstance(resource, dict) or resource.get("resourceType") != kind:
             raise EntryError(f"resource is not a {kind}")
         if "id" in resource and resource["id"] != m.group(2):
@@ -339,29 +359,31 @@ def build_entry(
         if vid is not None and vid != m.group(3):
             raise EntryError("resource meta.versionId does not match ref")
     try:
-        resource_canonical = canonical_json(resource)
         # == canonical_json({"actor": actor, "resource": resource}) without a second walk
         payload = b'{"actor":' + canonical_json(actor) + b',"resource":' + resource_canonical + b"}"
     except ValueError as exc:
-        raise EntryError(f"resource cannot be canonicalised: {exc}") from None
+        raise EntryError(f"actor cannot be canonicalised: {exc}") from None
 
-    unsigned = LedgerEntry(
-        seq=seq,
-        ts=format_ts(ts),
-        kind=kind,
-        ref=ref,
-        event=event,
-        subject=keyring.pseudonym(patient_ref),
-        subject_kid=keyring.pseudonym_key.key_id,
-        resource_sha256=sha256_hex(resource_canonical),
-        sealed=b64encode(keyring.rms_public.seal(payload)),
-        rms_kid=keyring.rms_public.key_id,
-        kid=keyring.signing.key_id,
-        sig=b64encode(bytes(64)),  # placeholder, so the field check below passes
-    )
+    fields: dict[str, Any] = {
+        "seq": seq,
+        "ts": format_ts(ts),
+        "kind": kind,
+        "ref": ref,
+        "event": event,
+        "subject": keyring.pseudonym(patient_ref),
+        "subject_kid": keyring.pseudonym_key.key_id,
+        "resource_sha256": sha256_hex(resource_canonical),
+        "sealed": b64encode(keyring.rms_public.seal(payload)),
+        "rms_kid": keyring.rms_public.key_id,
+        "kid": keyring.signing.key_id,
+    }
+    unsigned = LedgerEntry(**fields, sig=_PLACEHOLDER_SIG)
     _check_fields(unsigned, built=True)
-    sig = keyring.signing.sign(signed_bytes(unsigned))
-    return LedgerEntry(**{**_unsigned_dict(unsigned), "sig": b64encode(sig)})
+    # every field is now an ASCII string or a safe integer: orjson's sorted output is the
+    # canonical JSON (fhir_consent.crypto.canonical_json's fast path) without re-checking
+    sig = b64encode(keyring.signing.sign(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)))
+    fields["sig"] = sig
+    return LedgerEntry(**fields), orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
 
 
 def verify_entry(entry: LedgerEntry, public_keys_by_id: Mapping[str, PublicSigningKey]) -> None:

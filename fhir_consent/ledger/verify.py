@@ -37,7 +37,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from fhir_consent.crypto import KeyRing, PublicSigningKey, canonical_json, sha256_hex
+from fhir_consent.crypto import KeyRing, PublicSigningKey, canonical_json_text, sha256_hex
 from fhir_consent.ledger.checkpoint import CheckpointError, verify_checkpoint
 from fhir_consent.ledger.engines.base import EngineError, LedgerEngine
 from fhir_consent.ledger.entry import (
@@ -278,8 +278,8 @@ def _check_entries(
                     out.add(f"{row.ref}: a deletion, but entry {row.seq} says {entry.event}")
             else:
                 try:
-                    sha = sha256_hex(canonical_json(orjson.loads(content)))
-                except (orjson.JSONDecodeError, ValueError):
+                    sha = sha256_hex(canonical_json_text(content)[1])
+                except ValueError:
                     sha = ""
             if sha != entry.resource_sha256:
                 out.add(
