@@ -4,7 +4,8 @@
 * ``backup create DIR [--no-keys]``, ``backup restore DIR``, ``backup verify DIR``: database,
   document blobs and keys (:mod:`fhir_consent.ops.backup`);
 * ``keys init [--smart] [--ledger] [--documents] [--dir DIR] [--force]`` (every kind when no
-  kind flag is given), ``keys rotate --smart [--alg RS256] | --ledger``, ``keys show``: the
+  kind flag is given), ``keys rotate --smart [--alg RS256] | --ledger [--ledger-keys
+  signing,rms,pseudonym|all] [--rms-public-key B64]``, ``keys show``: the
   SMART token signing keys, the ledger key ring and the document master key file;
 * ``users add USERNAME --fhir-user Patient/123 [--password-stdin]``, ``users deactivate``,
   ``users activate``: login accounts (argon2 password hashes);
@@ -137,7 +138,7 @@ def _keys_rotate(args: argparse.Namespace) -> int:
         )
     try:
         if args.ledger:
-            _print_json(rotate_ledger(args.dir))
+            _print_json(rotate_ledger(args.dir, args.ledger_keys, args.rms_public_key))
             return 0
         directory = args.dir or _settings(args).smart_keys_dir
         keyset = rotate_keys(directory, args.alg)
@@ -328,6 +329,9 @@ def _add_admin_commands(sub: Any) -> None:
     rotate.add_argument("--ledger", action="store_true")
     rotate.add_argument("--alg", default="RS256", choices=["RS256", "ES384"], help="--smart")
     rotate.add_argument("--dir")
+    from fhir_consent.ledger.cli import add_rotate_arguments
+
+    add_rotate_arguments(rotate, flag="--ledger-keys")
     rotate.set_defaults(func=_keys_rotate)
     show = kinds.add_parser("show", help="public keys and key ids (SMART and ledger)")
     show.add_argument("--smart", action="store_true")

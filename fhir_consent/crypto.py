@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import math
 import os
+import re
 import secrets
 import stat
 from collections.abc import Mapping
@@ -43,6 +44,9 @@ import orjson
 
 __all__ = [
     "ENV_PSEUDONYM_SECRET",
+    "ENV_RETIRED_PSEUDONYM_SECRETS",
+    "ENV_RETIRED_RMS_PRIVATE_KEYS",
+    "ENV_RETIRED_RMS_PUBLIC_KEYS",
     "ENV_RETIRED_SIGNING_KEYS",
     "ENV_RMS_PRIVATE_KEY",
     "ENV_RMS_PUBLIC_KEY",
@@ -58,6 +62,7 @@ __all__ = [
     "b64decode",
     "b64encode",
     "canonical_json",
+    "canonical_json_text",
     "pseudonym",
     "sha256_hex",
 ]
@@ -68,6 +73,10 @@ ENV_RETIRED_SIGNING_KEYS: Final = "FHIR_CONSENT_RETIRED_SIGNING_KEYS"  # comma-s
 ENV_RMS_PUBLIC_KEY: Final = "FHIR_CONSENT_RMS_PUBLIC_KEY"  # 32-byte X25519 public key
 ENV_RMS_PRIVATE_KEY: Final = "FHIR_CONSENT_RMS_PRIVATE_KEY"  # optional; the RMS side only
 ENV_PSEUDONYM_SECRET: Final = "FHIR_CONSENT_PSEUDONYM_SECRET"  # >= 32 random bytes (secret)
+#: Earlier keys kept after a rotation (comma-separated base64), so old entries still open/verify.
+ENV_RETIRED_RMS_PUBLIC_KEYS: Final = "FHIR_CONSENT_RETIRED_RMS_PUBLIC_KEYS"
+ENV_RETIRED_RMS_PRIVATE_KEYS: Final = "FHIR_CONSENT_RETIRED_RMS_PRIVATE_KEYS"  # RMS side only
+ENV_RETIRED_PSEUDONYM_SECRETS: Final = "FHIR_CONSENT_RETIRED_PSEUDONYM_SECRETS"  # secret
 
 _KEY_LEN: Final = 32
 _SIG_LEN: Final = 64
@@ -261,6 +270,48 @@ def canonical_json(obj: Any) -> bytes:
         return "".join(out).encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("lone surrogate in string") from None
+
+
+_STRING_TOKEN: Final = re.compile(rb'"(?:[^"\\]|\\.)*"')
+#: In orjson's output with the strings removed: a float (a digit then '.', 'e' or 'E') or an
+#: integer of 16 digits or more (possibly beyond 2**53).
+_NOT_FAST_NUMBER: Final = re.compile(rb"[0-9][.eE]|[0-9]{16}")
+
+
+def canonical_json_text(text: bytes | str) -> tuple[Any, bytes]:
+    """Parse JSON text and return ``(value, canonical_json(value))`` — the same bytes as
+    :func:`canonical_json`, cheaper for the usual document.
+
+    Parsed JSON text holds only objects, arrays, strings, integers, floats, booleans and null
+    (never NaN, infinities or other types), so the orjson bytes are canonical unless they hold
+    a float, an integer beyond 2**53, or a non-ASCII key (see :func:`_check_tree`). Instead of
+    walking the value in Python, this looks for those in orjson's output: with every string
+    token removed, a digit followed by ``.``/``e``/``E`` is a float and 16 digits in a row may
+    be a large integer; non-ASCII output may hold a non-ASCII key. Any of these sends the
+    value through :func:`canonical_json` (so the rules, limits and errors are the same).
+    Raises :class:`ValueError` for invalid JSON.
+    """
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise ValueError("not valid JSON") from None
+    try:
+        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        return value, canonical_json(value)  # raises the canonical error
+    if not out.isascii() or _NOT_FAST_NUMBER.search(_STRING_TOKEN.sub(b"", out)):
+        return value, canonical_json(value)
+    if out.count(b"[") + out.count(b"{") > 100 and _depth(value) > 100:
+        raise ValueError("JSON value nested too deeply")
+    return value, out
+
+
+def _depth(obj: object) -> int:
+    if isinstance(obj, dict):
+        return 1 + max((_depth(v) for v in obj.values()), default=0)
+    if isinstance(obj, list):
+        return 1 + max((_depth(v) for v in obj), default=0)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,7 +559,9 @@ RETIRED_PREFIX: Final = "signing-retired-"
 RETIRED_SUFFIX: Final = ".pub"
 RMS_PRIVATE_FILE: Final = "rms-seal.key"
 RMS_PUBLIC_FILE: Final = "rms-seal.pub"
+RMS_RETIRED_PREFIX: Final = "rms-seal-retired-"  # <kid>.pub, and <kid>.key when held
 PSEUDONYM_FILE: Final = "pseudonym.key"
+PSEUDONYM_RETIRED_PREFIX: Final = "pseudonym-retired-"  # <kid>.key
 
 
 def _now() -> str:
@@ -580,28 +633,78 @@ def _check_id(doc: Mapping[str, str], actual: str, path: Path) -> None:
         raise KeyRingError(f"key file {path}: key_id does not match the key material")
 
 
+def _replace(directory: Path, name: str, doc: Mapping[str, str]) -> None:
+    """Atomically replace ``directory/name`` with a new 0600 key file (write, then rename)."""
+    tmp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
+    _write_new(tmp, doc)
+    try:
+        os.replace(tmp, directory / name)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise KeyRingError(f"cannot replace {directory / name}") from None
+
+
+def _read_rms_private(path: Path, public: SealPublicKey) -> SealKeyPair:
+    doc = _read_key_file(path, "x25519-private", secret=True)
+    pair = SealKeyPair.from_private_bytes(_field(doc, "secret", path, length=_KEY_LEN))
+    _check_id(doc, pair.key_id, path)
+    if pair.public_key != public:
+        raise KeyRingError(f"key file {path} does not match its public key")
+    return pair
+
+
+def _read_pseudonym(path: Path) -> PseudonymKey:
+    doc = _read_key_file(path, "hmac-sha256-secret", secret=True)
+    secret = _field(doc, "secret", path)
+    if len(secret) < _MIN_PSEUDONYM_SECRET:
+        raise KeyRingError(f"key file {path}: the secret must be at least 32 bytes")
+    pkey = PseudonymKey(secret)
+    _check_id(doc, pkey.key_id, path)
+    return pkey
+
+
 class KeyRing:
     """All keys the ledger needs, loaded from a key directory or from environment variables.
 
     * ``signing`` — the current Ed25519 key that signs new entries and checkpoints;
     * ``retired`` — public keys of earlier signing keys, by key id, so old entries still verify;
-    * ``rms_public`` — the RMS's X25519 public key that ``sealed`` fields are sealed to;
+    * ``rms_public`` — the RMS's current X25519 public key that new ``sealed`` fields are
+      sealed to;
     * ``rms_keypair`` — the RMS private key, or ``None`` (production servers should not hold it:
       delete ``rms-seal.key`` or leave ``FHIR_CONSENT_RMS_PRIVATE_KEY`` unset);
-    * ``pseudonym_key`` — the HMAC secret for ``subject``.
+    * ``retired_rms`` — earlier RMS public keys by key id (entries name the one they were
+      sealed to in ``rms_kid``), and ``retired_rms_keypairs`` the private halves held here;
+    * ``pseudonym_key`` — the current HMAC secret for ``subject``; ``retired_pseudonym`` the
+      earlier ones by key id (entries name theirs in ``subject_kid``), so ``ledger verify``
+      can still recompute old subjects.
+
+    Every kind rotates by key id (:meth:`rotate_signing_key`, :meth:`rotate_rms_key`,
+    :meth:`rotate_pseudonym_key`): new entries use the new key, old entries keep naming
+    theirs, and the retired keys stay in the ring.
 
     Key directory layout (one JSON document per file, every file mode 0600, directory 0700)::
 
-        signing.key                  current Ed25519 seed + public key + key_id
-        signing-retired-<kid>.pub    one per retired signing key (public key only)
-        rms-seal.key                 X25519 private key (optional)
-        rms-seal.pub                 X25519 public key
-        pseudonym.key                HMAC-SHA-256 secret
+        signing.key                     current Ed25519 seed + public key + key_id
+        signing-retired-<kid>.pub       one per retired signing key (public key only)
+        rms-seal.key                    X25519 private key (optional)
+        rms-seal.pub                    X25519 public key
+        rms-seal-retired-<kid>.pub      one per retired RMS key (and .key when held here)
+        pseudonym.key                   HMAC-SHA-256 secret
+        pseudonym-retired-<kid>.key     one per retired pseudonym secret
 
     Files holding secrets are refused when group/other can access them.
     """
 
-    __slots__ = ("signing", "retired", "rms_public", "rms_keypair", "pseudonym_key")
+    __slots__ = (
+        "signing",
+        "retired",
+        "rms_public",
+        "rms_keypair",
+        "retired_rms",
+        "retired_rms_keypairs",
+        "pseudonym_key",
+        "retired_pseudonym",
+    )
 
     def __init__(
         self,
@@ -611,6 +714,8 @@ class KeyRing:
         *,
         retired: Mapping[str, PublicSigningKey] | None = None,
         rms_keypair: SealKeyPair | None = None,
+        retired_rms: Mapping[str, SealPublicKey | SealKeyPair] | None = None,
+        retired_pseudonym: Mapping[str, PseudonymKey] | None = None,
     ) -> None:
         if rms_keypair is not None and rms_keypair.public_key != rms_public:
             raise KeyRingError("the RMS private key does not match the RMS public key")
@@ -624,6 +729,24 @@ class KeyRing:
                 raise KeyRingError(f"retired key id {kid!r} does not match its key")
             if kid != signing.key_id:
                 self.retired[kid] = key
+        self.retired_rms: dict[str, SealPublicKey] = {}
+        self.retired_rms_keypairs: dict[str, SealKeyPair] = {}
+        for kid, rkey in (retired_rms or {}).items():
+            if kid != rkey.key_id:
+                raise KeyRingError(f"retired RMS key id {kid!r} does not match its key")
+            if kid == rms_public.key_id:
+                continue
+            if isinstance(rkey, SealKeyPair):
+                self.retired_rms_keypairs[kid] = rkey
+                self.retired_rms[kid] = rkey.public_key
+            else:
+                self.retired_rms[kid] = rkey
+        self.retired_pseudonym: dict[str, PseudonymKey] = {}
+        for kid, pkey in (retired_pseudonym or {}).items():
+            if kid != pkey.key_id:
+                raise KeyRingError(f"retired pseudonym key id {kid!r} does not match its key")
+            if kid != pseudonym_key.key_id:
+                self.retired_pseudonym[kid] = pkey
 
     # -- use ------------------------------------------------------------------------------
 
@@ -640,13 +763,36 @@ class KeyRing:
     def pseudonym(self, patient_ref: str) -> str:
         return self.pseudonym_key.pseudonym(patient_ref)
 
+    def pseudonym_keys(self) -> dict[str, PseudonymKey]:
+        """Every pseudonym secret of this log (current and retired), by key id."""
+        keys = dict(self.retired_pseudonym)
+        keys[self.pseudonym_key.key_id] = self.pseudonym_key
+        return keys
+
+    def rms_public_keys(self) -> dict[str, SealPublicKey]:
+        """Every RMS public key entries of this log were sealed to, by key id."""
+        keys = dict(self.retired_rms)
+        keys[self.rms_public.key_id] = self.rms_public
+        return keys
+
+    def rms_keypairs(self) -> dict[str, SealKeyPair]:
+        """The RMS private keys held here (current and retired), by key id — usually none
+        on a production server."""
+        keys = dict(self.retired_rms_keypairs)
+        if self.rms_keypair is not None:
+            keys[self.rms_keypair.key_id] = self.rms_keypair
+        return keys
+
     def public_bundle(self) -> dict[str, Any]:
-        """Public keys for verifiers (JSON-serialisable; contains no secret)."""
+        """Public keys and key ids for verifiers (JSON-serialisable; contains no secret)."""
         return {
             "signing_key_id": self.signing.key_id,
             "signing_keys": {kid: key.to_base64() for kid, key in self.verify_keys().items()},
             "rms_seal_key_id": self.rms_public.key_id,
             "rms_seal_key": self.rms_public.to_base64(),
+            "rms_seal_keys": {kid: k.to_base64() for kid, k in self.rms_public_keys().items()},
+            "pseudonym_key_id": self.pseudonym_key.key_id,
+            "pseudonym_key_ids": sorted(self.pseudonym_keys()),
         }
 
     def to_env(self) -> dict[str, str]:
@@ -660,13 +806,27 @@ class KeyRing:
             env[ENV_RETIRED_SIGNING_KEYS] = ",".join(k.to_base64() for k in self.retired.values())
         if self.rms_keypair is not None:
             env[ENV_RMS_PRIVATE_KEY] = b64encode(self.rms_keypair.secret_bytes())
+        if self.retired_rms:
+            env[ENV_RETIRED_RMS_PUBLIC_KEYS] = ",".join(
+                k.to_base64() for k in self.retired_rms.values()
+            )
+        if self.retired_rms_keypairs:
+            env[ENV_RETIRED_RMS_PRIVATE_KEYS] = ",".join(
+                b64encode(k.secret_bytes()) for k in self.retired_rms_keypairs.values()
+            )
+        if self.retired_pseudonym:
+            env[ENV_RETIRED_PSEUDONYM_SECRETS] = ",".join(
+                b64encode(k.secret_bytes()) for k in self.retired_pseudonym.values()
+            )
         return env
 
     def __repr__(self) -> str:
         return (
             f"KeyRing(signing={self.signing.key_id!r}, retired={sorted(self.retired)!r}, "
             f"rms={self.rms_public.key_id!r}, rms_private={self.rms_keypair is not None}, "
-            f"pseudonym={self.pseudonym_key.key_id!r})"
+            f"retired_rms={sorted(self.retired_rms)!r}, "
+            f"pseudonym={self.pseudonym_key.key_id!r}, "
+            f"retired_pseudonym={sorted(self.retired_pseudonym)!r})"
         )
 
     # -- key directory --------------------------------------------------------------------
@@ -732,23 +892,34 @@ class KeyRing:
         rms_keypair: SealKeyPair | None = None
         path = d / RMS_PRIVATE_FILE
         if path.exists():
-            doc = _read_key_file(path, "x25519-private", secret=True)
-            rms_keypair = SealKeyPair.from_private_bytes(
-                _field(doc, "secret", path, length=_KEY_LEN)
-            )
-            _check_id(doc, rms_keypair.key_id, path)
-            if rms_keypair.public_key != rms_public:
-                raise KeyRingError(f"key file {path} does not match {RMS_PUBLIC_FILE}")
+            rms_keypair = _read_rms_private(path, rms_public)
 
-        path = d / PSEUDONYM_FILE
-        doc = _read_key_file(path, "hmac-sha256-secret", secret=True)
-        secret = _field(doc, "secret", path)
-        if len(secret) < _MIN_PSEUDONYM_SECRET:
-            raise KeyRingError(f"key file {path}: the secret must be at least 32 bytes")
-        pkey = PseudonymKey(secret)
-        _check_id(doc, pkey.key_id, path)
+        retired_rms: dict[str, SealPublicKey | SealKeyPair] = {}
+        for path in sorted(d.glob(f"{RMS_RETIRED_PREFIX}*.pub")):
+            doc = _read_key_file(path, "x25519-public", secret=False)
+            public_key = SealPublicKey(_field(doc, "public", path, length=_KEY_LEN))
+            _check_id(doc, public_key.key_id, path)
+            private_path = path.with_suffix(".key")
+            if private_path.exists():
+                retired_rms[public_key.key_id] = _read_rms_private(private_path, public_key)
+            else:
+                retired_rms[public_key.key_id] = public_key
 
-        return cls(signing, rms_public, pkey, retired=retired, rms_keypair=rms_keypair)
+        pkey = _read_pseudonym(d / PSEUDONYM_FILE)
+        retired_pseudonym: dict[str, PseudonymKey] = {}
+        for path in sorted(d.glob(f"{PSEUDONYM_RETIRED_PREFIX}*.key")):
+            old_key = _read_pseudonym(path)
+            retired_pseudonym[old_key.key_id] = old_key
+
+        return cls(
+            signing,
+            rms_public,
+            pkey,
+            retired=retired,
+            rms_keypair=rms_keypair,
+            retired_rms=retired_rms,
+            retired_pseudonym=retired_pseudonym,
+        )
 
     @classmethod
     def rotate_signing_key(cls, directory: str | os.PathLike[str]) -> KeyRing:
@@ -764,14 +935,58 @@ class KeyRing:
         retired_path = d / f"{RETIRED_PREFIX}{old.signing.key_id}{RETIRED_SUFFIX}"
         if not retired_path.exists():
             _write_new(retired_path, _public_signing_doc(old.signing.public_key, _now()))
-        new = SigningKeyPair.generate()
-        tmp = d / f".{SIGNING_FILE}.{secrets.token_hex(8)}.tmp"
-        _write_new(tmp, _signing_doc(new, _now()))
-        try:
-            os.replace(tmp, d / SIGNING_FILE)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise KeyRingError(f"cannot replace {d / SIGNING_FILE}") from None
+        _replace(d, SIGNING_FILE, _signing_doc(SigningKeyPair.generate(), _now()))
+        _fsync_dir(d)
+        return cls.load(d)
+
+    @classmethod
+    def rotate_rms_key(
+        cls, directory: str | os.PathLike[str], public: SealPublicKey | None = None
+    ) -> KeyRing:
+        """Seal new entries to a new RMS key: ``public`` (the RMS made the pair and gave us
+        its public key), else a pair generated here (``rms-seal.key``, to hand to the RMS).
+
+        The old public key — and the old private key when this directory holds it — is kept
+        as ``rms-seal-retired-<kid>.pub``/``.key`` *before* the current files are replaced, so
+        entries sealed to it (they name it in ``rms_kid``) can still be opened. Returns the
+        reloaded key ring.
+        """
+        d = Path(directory)
+        old = cls.load(d)
+        if public is not None and public == old.rms_public:
+            raise KeyRingError("the new RMS public key is the current one")
+        kid = old.rms_public.key_id
+        retired_pub = d / f"{RMS_RETIRED_PREFIX}{kid}.pub"
+        if not retired_pub.exists():
+            if old.rms_keypair is not None:
+                _write_new(
+                    d / f"{RMS_RETIRED_PREFIX}{kid}.key", _rms_private_doc(old.rms_keypair, _now())
+                )
+            _write_new(retired_pub, _rms_public_doc(old.rms_public, _now()))
+        created = _now()
+        if public is None:
+            pair = SealKeyPair.generate()
+            _replace(d, RMS_PRIVATE_FILE, _rms_private_doc(pair, created))
+            _replace(d, RMS_PUBLIC_FILE, _rms_public_doc(pair.public_key, created))
+        else:
+            (d / RMS_PRIVATE_FILE).unlink(missing_ok=True)  # kept above as retired, if held
+            _replace(d, RMS_PUBLIC_FILE, _rms_public_doc(public, created))
+        _fsync_dir(d)
+        return cls.load(d)
+
+    @classmethod
+    def rotate_pseudonym_key(cls, directory: str | os.PathLike[str]) -> KeyRing:
+        """New pseudonym secret for new entries; the old one is kept as
+        ``pseudonym-retired-<kid>.key`` (written before ``pseudonym.key`` is replaced) so
+        ``ledger verify`` can still recompute old entries' ``subject``. A patient's entries
+        from before and after the rotation carry unrelated pseudonyms. Returns the reloaded
+        key ring."""
+        d = Path(directory)
+        old = cls.load(d)
+        retired_path = d / f"{PSEUDONYM_RETIRED_PREFIX}{old.pseudonym_key.key_id}.key"
+        if not retired_path.exists():
+            _write_new(retired_path, _pseudonym_doc(old.pseudonym_key, _now()))
+        _replace(d, PSEUDONYM_FILE, _pseudonym_doc(PseudonymKey.generate(), _now()))
         _fsync_dir(d)
         return cls.load(d)
 
@@ -829,7 +1044,47 @@ class KeyRing:
                     " Ed25519 public key"
                 ) from None
             retired[key.key_id] = key
-        return cls(signing, rms_public, pkey, retired=retired, rms_keypair=rms_keypair)
+
+        def items(name: str) -> list[tuple[int, bytes]]:
+            out: list[tuple[int, bytes]] = []
+            for i, item in enumerate((env.get(name) or "").split(",")):
+                if item.strip():
+                    try:
+                        out.append((i, b64decode(item.strip())))
+                    except ValueError:
+                        raise KeyRingError(
+                            f"environment variable {name}: item {i} is not base64"
+                        ) from None
+            return out
+
+        retired_rms: dict[str, SealPublicKey | SealKeyPair] = {}
+        for i, raw in items(ENV_RETIRED_RMS_PUBLIC_KEYS):
+            if len(raw) != _KEY_LEN:
+                raise KeyRingError(f"{ENV_RETIRED_RMS_PUBLIC_KEYS}: item {i} is not a 32-byte key")
+            rms_key = SealPublicKey(raw)
+            retired_rms[rms_key.key_id] = rms_key
+        for i, raw in items(ENV_RETIRED_RMS_PRIVATE_KEYS):
+            if len(raw) != _KEY_LEN:
+                raise KeyRingError(f"{ENV_RETIRED_RMS_PRIVATE_KEYS}: item {i} is not a 32-byte key")
+            pair = SealKeyPair.from_private_bytes(raw)
+            retired_rms[pair.key_id] = pair
+        retired_pseudonym: dict[str, PseudonymKey] = {}
+        for i, raw in items(ENV_RETIRED_PSEUDONYM_SECRETS):
+            if len(raw) < _MIN_PSEUDONYM_SECRET:
+                raise KeyRingError(
+                    f"{ENV_RETIRED_PSEUDONYM_SECRETS}: item {i} is shorter than 32 bytes"
+                )
+            old_pkey = PseudonymKey(raw)
+            retired_pseudonym[old_pkey.key_id] = old_pkey
+        return cls(
+            signing,
+            rms_public,
+            pkey,
+            retired=retired,
+            rms_keypair=rms_keypair,
+            retired_rms=retired_rms,
+            retired_pseudonym=retired_pseudonym,
+        )
 
 
 def _signing_doc(key: SigningKeyPair, created: str) -> dict[str, str]:

@@ -48,7 +48,7 @@ from fhir_consent.fhir.routes import FHIRContext, entry_gate
 from fhir_consent.ledger.checkpoint import verifier_key
 from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.ledger.embedded import LedgerNotFound, TreeHead
-from fhir_consent.ledger.engines.base import create_engine
+from fhir_consent.ledger.engines.base import EMBEDDED, create_engine
 from fhir_consent.ledger.entry import KINDS
 from fhir_consent.ledger.relay import Relay, RelayThread
 from fhir_consent.ledger.service import Ledger, build_ledger
@@ -317,7 +317,7 @@ def install(
     del app.router.routes[before:]
     app.router.routes[0:0] = ours
     app.state.ledger_installed = (ledger.listener, ours, app.router.lifespan_context)
-    if settings.engine != "embedded" and settings.relay_in_process:
+    if settings.engine != EMBEDDED and settings.relay_in_process:
         probe = create_engine(settings, ledger.origin)  # fail at start-up on a bad config
         if probe is not None:
             probe.close()

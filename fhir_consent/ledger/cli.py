@@ -3,8 +3,12 @@
 ``fhir-consent keys init [--dir D]``
     Create the ledger key ring (Ed25519 signing key, RMS X25519 key pair, pseudonym secret;
     files 0600 in a 0700 directory; ledger.md §1). Refuses to overwrite.
-``fhir-consent keys rotate [--dir D]``
-    New signing key; the old public key is kept so old entries still verify.
+``fhir-consent keys rotate [--dir D] [--keys signing,rms,pseudonym|all] [--rms-public-key B64]``
+    New key(s) by key id — the signing key by default; ``rms`` the Record Management System
+    seal key (generated here, or the RMS's own public key with ``--rms-public-key``);
+    ``pseudonym`` the subject secret. The old keys stay in the ring (retired), so old entries
+    still verify and open; new entries name the new key ids. Servers pick new keys up when
+    they restart. (``fhir-consent keys rotate --ledger --ledger-keys …`` is the same.)
 ``fhir-consent keys show [--dir D]``
     Public keys and key ids only (for verifiers and the RMS).
 ``fhir-consent ledger verify [--database-url U] [--no-external] [--scan-chain]``
@@ -29,7 +33,15 @@ from typing import Any, TextIO
 
 import orjson
 
-__all__ = ["add_parser", "init_keys", "main", "rotate_keys"]
+__all__ = [
+    "LEDGER_KEY_KINDS",
+    "add_parser",
+    "add_rotate_arguments",
+    "init_keys",
+    "main",
+    "parse_key_kinds",
+    "rotate_keys",
+]
 
 
 def _out(text: str, stream: TextIO | None = None) -> None:
@@ -63,14 +75,59 @@ def init_keys(directory: str | None = None) -> dict[str, Any]:
     return {"kind": "ledger", "directory": str(target), **ring.public_bundle()}
 
 
-def rotate_keys(directory: str | None = None) -> dict[str, Any]:
-    """Rotate the ledger signing key; return the public summary. Raises ``KeyRingError``."""
-    from fhir_consent.crypto import KeyRing
+#: The ledger keys that rotate, in the order a combined rotation applies them.
+LEDGER_KEY_KINDS = ("signing", "rms", "pseudonym")
+
+
+def parse_key_kinds(text: str) -> tuple[str, ...]:
+    """``"signing,rms"`` or ``"all"`` → the kinds, in :data:`LEDGER_KEY_KINDS` order."""
+    wanted = {part.strip() for part in text.split(",") if part.strip()}
+    if "all" in wanted:
+        return LEDGER_KEY_KINDS
+    unknown = wanted - set(LEDGER_KEY_KINDS)
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(
+            f"ledger keys are {', '.join(LEDGER_KEY_KINDS)} or all (got {text!r})"
+        )
+    return tuple(k for k in LEDGER_KEY_KINDS if k in wanted)
+
+
+def rotate_keys(
+    directory: str | None = None,
+    kinds: tuple[str, ...] = ("signing",),
+    rms_public_key: str | None = None,
+) -> dict[str, Any]:
+    """Rotate the named ledger keys (default: the signing key); return the public summary.
+
+    ``rms_public_key`` (base64 X25519) installs the RMS's own new public key instead of
+    generating a pair here. Raises ``KeyRingError``.
+    """
+    from fhir_consent.crypto import CryptoError, KeyRing, KeyRingError, SealPublicKey
     from fhir_consent.ledger.config import LedgerSettings
 
     target = directory or LedgerSettings().keys_dir
-    ring = KeyRing.rotate_signing_key(target)
-    return {"kind": "ledger", "directory": str(target), **ring.public_bundle()}
+    public = None
+    if rms_public_key is not None:
+        if "rms" not in kinds:
+            raise KeyRingError("--rms-public-key needs the rms key to be rotated")
+        try:
+            public = SealPublicKey.from_base64(rms_public_key.strip())
+        except CryptoError:
+            raise KeyRingError("--rms-public-key is not a base64 X25519 public key") from None
+    ring = KeyRing.load(target)  # fail before changing anything
+    for kind in kinds:
+        if kind == "signing":
+            ring = KeyRing.rotate_signing_key(target)
+        elif kind == "rms":
+            ring = KeyRing.rotate_rms_key(target, public)
+        else:
+            ring = KeyRing.rotate_pseudonym_key(target)
+    return {
+        "kind": "ledger",
+        "directory": str(target),
+        "rotated": list(kinds),
+        **ring.public_bundle(),
+    }
 
 
 def keys_init(args: argparse.Namespace) -> int:
@@ -93,15 +150,35 @@ def keys_init(args: argparse.Namespace) -> int:
 
 
 def keys_rotate(args: argparse.Namespace) -> int:
-    from fhir_consent.crypto import KeyRing, KeyRingError
+    from fhir_consent.crypto import KeyRingError
 
     try:
-        ring = KeyRing.rotate_signing_key(_keys_dir(args))
+        summary = rotate_keys(_keys_dir(args), args.keys, args.rms_public_key)
     except KeyRingError as exc:
         _out(f"error: {exc}", sys.stderr)
         return 1
-    _out(f"new signing key {ring.signing_key_id}; retired: {', '.join(sorted(ring.retired))}")
+    retired = [k for k in summary["signing_keys"] if k != summary["signing_key_id"]]
+    _out(f"new signing key {summary['signing_key_id']}; retired: {', '.join(sorted(retired))}")
+    _out(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     return 0
+
+
+def add_rotate_arguments(parser: Any, *, flag: str = "--keys") -> None:
+    """``--keys``/``--ledger-keys`` and ``--rms-public-key`` for a rotate command."""
+    parser.add_argument(
+        flag,
+        dest="ledger_keys" if flag != "--keys" else "keys",
+        type=parse_key_kinds,
+        default=("signing",),
+        metavar="signing,rms,pseudonym|all",
+        help="which ledger keys to rotate (default: signing)",
+    )
+    parser.add_argument(
+        "--rms-public-key",
+        metavar="B64",
+        help="with rms: the Record Management System's new X25519 public key (else a key "
+        "pair is generated in the key directory)",
+    )
 
 
 def keys_show(args: argparse.Namespace) -> int:
@@ -173,6 +250,7 @@ def ledger_verify(args: argparse.Namespace) -> int:
             engine=engine,
             scan_chain=args.scan_chain,
             progress=progress,
+            keyring=ring,
         )
     finally:
         if progress is not None:
@@ -243,11 +321,13 @@ def add_parser(subparsers: Any, *, keys: bool = True) -> None:
         ks = k.add_subparsers(dest="keys_command", required=True)
         for name, func, text in (
             ("init", keys_init, "create the ledger key ring (files 0600)"),
-            ("rotate", keys_rotate, "rotate the signing key, keeping the old public key"),
+            ("rotate", keys_rotate, "rotate ledger keys by id, keeping the old ones"),
             ("show", keys_show, "print public keys and key ids"),
         ):
             p = ks.add_parser(name, help=text)
             p.add_argument("--dir", help="key directory (default FHIR_CONSENT_LEDGER_KEYS_DIR)")
+            if name == "rotate":
+                add_rotate_arguments(p)
             p.set_defaults(func=func)
 
     led = subparsers.add_parser("ledger", help="permissions ledger: verify, relay, status")

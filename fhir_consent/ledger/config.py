@@ -11,7 +11,7 @@ store should prefer.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -66,9 +66,17 @@ class LedgerSettings(BaseSettings):
         description="Serve $ledger-checkpoint and $ledger-consistency without a token (they "
         "carry no personal data; witnesses need them)",
     )
-    engine: Literal["embedded", "waves", "evm"] = Field(
+    engine: str = Field(
         default="embedded",
-        description="External ledger the relay anchors entries on (embedded = none)",
+        pattern=r"^[a-z][a-z0-9_.-]{0,31}$",
+        description="External ledger the relay anchors entries on, by name in the "
+        "fhir_consent.ledger_engines entry-point group: embedded (none), waves, evm, or a "
+        "third-party engine (docs/ledger-engines.md)",
+    )
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings of a third-party engine (JSON object; the built-in engines "
+        "have their own fields below)",
     )
     relay_in_process: bool = Field(
         default=True,
@@ -106,6 +114,47 @@ class LedgerSettings(BaseSettings):
         default=None, description="Unlocked sender account (default: the node's first account)"
     )
     evm_max_batch_bytes: int = Field(default=96 * 1024, ge=4096, description="Calldata cap")
+    evm_send: Literal["auto", "unlocked", "raw"] = Field(
+        default="auto",
+        description="unlocked: eth_sendTransaction from an account the node holds (Anvil's dev "
+        "accounts); raw: sign locally and send with eth_sendRawTransaction (Besu and other "
+        "permissioned nodes); auto: raw when a private key is configured, else unlocked",
+    )
+    evm_private_key: SecretStr | None = Field(
+        default=None,
+        description="secp256k1 private key (0x + 64 hex digits) of the sending account, for "
+        "raw sending; prefer evm_private_key_file",
+    )
+    evm_private_key_file: str | None = Field(
+        default=None,
+        description="File (mode 0600) holding the private key as hex, or an encrypted JSON "
+        "keystore (V3) unlocked with evm_keystore_password",
+    )
+    evm_keystore_password: SecretStr | None = Field(
+        default=None, description="Password of the JSON keystore in evm_private_key_file"
+    )
+    evm_chain_id: int | None = Field(
+        default=None,
+        ge=1,
+        description="Expected chain id; the node's eth_chainId is used and must equal it when "
+        "set (a guard against signing for the wrong network)",
+    )
+    evm_tx_type: Literal["auto", "legacy", "eip1559"] = Field(
+        default="auto",
+        description="Raw transaction type: eip1559 (type 2) when the chain has a base fee, "
+        "else legacy (free-gas QBFT networks)",
+    )
+    evm_gas_price: int | None = Field(
+        default=None,
+        ge=0,
+        description="Legacy gas price in wei (default: the node's eth_gasPrice; 0 on free-gas "
+        "networks)",
+    )
+    evm_priority_fee: int | None = Field(
+        default=None,
+        ge=0,
+        description="EIP-1559 priority fee in wei (default: eth_maxPriorityFeePerGas, else 0)",
+    )
 
     @field_validator("origin")
     @classmethod

@@ -14,8 +14,16 @@ An entry is the canonical JSON (RFC 8785 style, :func:`fhir_consent.crypto.canon
 ``kid``             **addition to ledger.md §1**: key id of the signing key (hex of the first 8
                     bytes of SHA-256 of the Ed25519 public key), so that entries stay verifiable
                     after key rotation. It is covered by the signature.
+``subject_kid``     **addition**: key id of the pseudonym secret that made ``subject``
+                    (:attr:`fhir_consent.crypto.PseudonymKey.key_id`, reveals nothing about it)
+``rms_kid``         **addition**: key id of the RMS public key ``sealed`` was sealed to
 ``sig``             base64 Ed25519 signature over the canonical JSON of every other field
 =================== ==============================================================================
+
+The three key ids let every key rotate on its own (``fhir-consent keys rotate --ledger``):
+new entries name the new keys, old entries keep naming theirs. Entries written before
+``subject_kid``/``rms_kid`` existed (:data:`ENTRY_FIELDS_V1`) stay valid; an entry has
+either both or neither.
 
 The leaf data of the Merkle tree (RFC 9162 §2.1.1) is :func:`entry_bytes`: the canonical JSON of
 *all* fields including ``sig``. The signature covers the canonical JSON of the object without
@@ -30,6 +38,7 @@ sealed box then holds ``"resource": null`` and ``resource_sha256`` is SHA-256 of
 from __future__ import annotations
 
 import datetime as _dt
+import hmac
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,11 +49,13 @@ import orjson
 from fhir_consent.crypto import (
     CryptoError,
     KeyRing,
+    PseudonymKey,
     PublicSigningKey,
     SealKeyPair,
     b64decode,
     b64encode,
     canonical_json,
+    canonical_json_text,
     sha256_hex,
 )
 from fhir_consent.ledger.merkle import leaf_hash
@@ -53,11 +64,14 @@ __all__ = [
     "CONSENT_EVENTS",
     "DOCUMENT_EVENTS",
     "ENTRY_FIELDS",
+    "ENTRY_FIELDS_V1",
     "EVENTS",
     "KINDS",
     "EntryError",
     "LedgerEntry",
     "build_entry",
+    "build_entry_bytes",
+    "check_subject",
     "entry_bytes",
     "entry_from_bytes",
     "entry_from_dict",
@@ -84,11 +98,16 @@ ENTRY_FIELDS: Final = (
     "ref",
     "event",
     "subject",
+    "subject_kid",
     "resource_sha256",
     "sealed",
+    "rms_kid",
     "kid",
     "sig",
 )
+#: The fields of entries written before the pseudonym and RMS keys had ids in the entry.
+ENTRY_FIELDS_V1: Final = tuple(f for f in ENTRY_FIELDS if f not in ("subject_kid", "rms_kid"))
+_OPTIONAL_FIELDS: Final = frozenset(ENTRY_FIELDS) - frozenset(ENTRY_FIELDS_V1)
 
 _FHIR_ID: Final = r"[A-Za-z0-9\-.]{1,64}"  # FHIR R4 id datatype
 _REF_RE: Final = re.compile(rf"(Consent|DocumentReference)/({_FHIR_ID})/_history/({_FHIR_ID})")
@@ -97,6 +116,7 @@ _KID_RE: Final = re.compile(r"[0-9a-f]{16}")
 _TS_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 _MAX_SEQ: Final = 2**53 - 1  # also exact in JavaScript (browser verifier)
 _SEALED_OVERHEAD: Final = 48  # ephemeral X25519 key + Poly1305 tag
+_PLACEHOLDER_SIG: Final = b64encode(bytes(64))
 
 
 class EntryError(ValueError):
@@ -117,6 +137,8 @@ class LedgerEntry:
     sealed: str
     kid: str
     sig: str
+    subject_kid: str | None = None  # None only in entries of the first format
+    rms_kid: str | None = None
 
     @property
     def key_id(self) -> str:
@@ -172,12 +194,14 @@ def event_for_consent(old_status: str | None, new_status: str | None, deleted: b
 
 
 def entry_to_dict(entry: LedgerEntry) -> dict[str, Any]:
-    """The entry as a JSON object (all fields)."""
-    return {name: getattr(entry, name) for name in ENTRY_FIELDS}
+    """The entry as a JSON object (all fields it has)."""
+    return {name: value for name in ENTRY_FIELDS if (value := getattr(entry, name)) is not None}
 
 
 def _unsigned_dict(entry: LedgerEntry) -> dict[str, Any]:
-    return {name: getattr(entry, name) for name in ENTRY_FIELDS[:-1]}
+    out = entry_to_dict(entry)
+    del out["sig"]
+    return out
 
 
 def signed_bytes(entry: LedgerEntry) -> bytes:
@@ -206,8 +230,15 @@ def _check_fields(entry: LedgerEntry, *, built: bool = False) -> None:
     if not 0 <= entry.seq <= _MAX_SEQ:
         raise EntryError("seq out of range")
     for name in ENTRY_FIELDS[1:]:
-        if not isinstance(getattr(entry, name), str):
+        value = getattr(entry, name)
+        if not isinstance(value, str) and not (value is None and name in _OPTIONAL_FIELDS):
             raise EntryError(f"{name} must be a string")
+    if (entry.subject_kid is None) != (entry.rms_kid is None):
+        raise EntryError("an entry has both subject_kid and rms_kid, or neither")
+    for name in ("subject_kid", "rms_kid"):
+        value = getattr(entry, name)
+        if value is not None and not _KID_RE.fullmatch(value):
+            raise EntryError(f"{name} must be 16 lower-case hex digits")
     if not _TS_RE.fullmatch(entry.ts):
         raise EntryError("ts must be RFC 3339 UTC like 2024-05-01T12:00:00.000000Z")
     if not built:
@@ -248,10 +279,10 @@ def entry_from_dict(obj: Mapping[str, Any]) -> LedgerEntry:
     if not isinstance(obj, Mapping):
         raise EntryError("an entry is a JSON object")
     keys = set(obj)
-    if keys != set(ENTRY_FIELDS):
+    if keys != set(ENTRY_FIELDS) and keys != set(ENTRY_FIELDS_V1):
         missing, extra = set(ENTRY_FIELDS) - keys, keys - set(ENTRY_FIELDS)
         raise EntryError(f"entry fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    entry = LedgerEntry(**{name: obj[name] for name in ENTRY_FIELDS})
+    entry = LedgerEntry(**{name: obj[name] for name in ENTRY_FIELDS if name in obj})
     _check_fields(entry)
     return entry
 
@@ -287,21 +318,38 @@ def build_entry(
     only inside the sealed box. ``patient_ref`` (e.g. ``Patient/123``) appears only as its keyed
     pseudonym.
     """
+    return build_entry_bytes(
+        seq, ts, kind, ref, event, patient_ref, resource_json_bytes, actor, keyring
+    )[0]
+
+
+def build_entry_bytes(
+    seq: int,
+    ts: _dt.datetime,
+    kind: str,
+    ref: str,
+    event: str,
+    patient_ref: str,
+    resource_json_bytes: bytes | None,
+    actor: str,
+    keyring: KeyRing,
+) -> tuple[LedgerEntry, bytes]:
+    """:func:`build_entry` and the entry's canonical bytes (:func:`entry_bytes`) at once."""
     m = _REF_RE.fullmatch(ref) if isinstance(ref, str) else None
     if kind not in KINDS or m is None or m.group(1) != kind:
         raise EntryError(f"ref {ref!r} is not a {kind} version reference")
     if not isinstance(actor, str) or not actor:
         raise EntryError("actor must be a non-empty string")
-    resource: dict[str, Any] | None
+    resource: Any
     if resource_json_bytes is None:
         if event != "deleted":
             raise EntryError("only a 'deleted' entry may omit the resource")
-        resource = None
+        resource, resource_canonical = None, b"null"
     else:
         try:
-            resource = orjson.loads(resource_json_bytes)
-        except orjson.JSONDecodeError:
-            raise EntryError("resource is not valid JSON") from None
+            resource, resource_canonical = canonical_json_text(resource_json_bytes)
+        except ValueError as exc:
+            raise EntryError(f"resource cannot be canonicalised: {exc}") from None
         if not isinstance(resource, dict) or resource.get("resourceType") != kind:
             raise EntryError(f"resource is not a {kind}")
         if "id" in resource and resource["id"] != m.group(2):
@@ -311,27 +359,31 @@ def build_entry(
         if vid is not None and vid != m.group(3):
             raise EntryError("resource meta.versionId does not match ref")
     try:
-        resource_canonical = canonical_json(resource)
         # == canonical_json({"actor": actor, "resource": resource}) without a second walk
         payload = b'{"actor":' + canonical_json(actor) + b',"resource":' + resource_canonical + b"}"
     except ValueError as exc:
-        raise EntryError(f"resource cannot be canonicalised: {exc}") from None
+        raise EntryError(f"actor cannot be canonicalised: {exc}") from None
 
-    unsigned = LedgerEntry(
-        seq=seq,
-        ts=format_ts(ts),
-        kind=kind,
-        ref=ref,
-        event=event,
-        subject=keyring.pseudonym(patient_ref),
-        resource_sha256=sha256_hex(resource_canonical),
-        sealed=b64encode(keyring.rms_public.seal(payload)),
-        kid=keyring.signing.key_id,
-        sig=b64encode(bytes(64)),  # placeholder, so the field check below passes
-    )
+    fields: dict[str, Any] = {
+        "seq": seq,
+        "ts": format_ts(ts),
+        "kind": kind,
+        "ref": ref,
+        "event": event,
+        "subject": keyring.pseudonym(patient_ref),
+        "subject_kid": keyring.pseudonym_key.key_id,
+        "resource_sha256": sha256_hex(resource_canonical),
+        "sealed": b64encode(keyring.rms_public.seal(payload)),
+        "rms_kid": keyring.rms_public.key_id,
+        "kid": keyring.signing.key_id,
+    }
+    unsigned = LedgerEntry(**fields, sig=_PLACEHOLDER_SIG)
     _check_fields(unsigned, built=True)
-    sig = keyring.signing.sign(signed_bytes(unsigned))
-    return LedgerEntry(**{**_unsigned_dict(unsigned), "sig": b64encode(sig)})
+    # every field is now an ASCII string or a safe integer: orjson's sorted output is the
+    # canonical JSON (fhir_consent.crypto.canonical_json's fast path) without re-checking
+    sig = b64encode(keyring.signing.sign(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)))
+    fields["sig"] = sig
+    return LedgerEntry(**fields), orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
 
 
 def verify_entry(entry: LedgerEntry, public_keys_by_id: Mapping[str, PublicSigningKey]) -> None:
@@ -352,16 +404,61 @@ def verify_entry(entry: LedgerEntry, public_keys_by_id: Mapping[str, PublicSigni
         raise EntryError(f"entry {entry.seq}: signature does not verify") from None
 
 
-def open_sealed(entry: LedgerEntry, rms_keypair: SealKeyPair) -> dict[str, Any]:
-    """Decrypt ``sealed`` with the RMS key; return ``{"resource": …, "actor": …}``.
+def check_subject(
+    entry: LedgerEntry, patient_ref: str, pseudonym_keys: Mapping[str, PseudonymKey]
+) -> None:
+    """Check that ``subject`` is the pseudonym of ``patient_ref`` under the key the entry
+    names (``subject_kid``; entries of the first format: any of the keys). Raises
+    :class:`EntryError`."""
+    if entry.subject_kid is not None:
+        key = pseudonym_keys.get(entry.subject_kid)
+        if key is None:
+            raise EntryError(f"entry {entry.seq}: unknown pseudonym key id {entry.subject_kid}")
+        candidates = [key]
+    else:
+        candidates = list(pseudonym_keys.values())
+    if not any(hmac.compare_digest(k.pseudonym(patient_ref), entry.subject) for k in candidates):
+        raise EntryError(
+            f"entry {entry.seq}: subject is not the pseudonym of the version's patient"
+        )
 
-    Also checks that the sealed resource matches the public ``resource_sha256`` commitment, so
-    the server cannot seal something other than what it committed to. Raises :class:`EntryError`.
+
+def open_sealed(
+    entry: LedgerEntry, rms_keys: SealKeyPair | Mapping[str, SealKeyPair]
+) -> dict[str, Any]:
+    """Decrypt ``sealed`` with the RMS key it was sealed to; return ``{"resource": …,
+    "actor": …}``.
+
+    ``rms_keys`` is one key pair or several by key id (e.g. :meth:`KeyRing.rms_keypairs`,
+    current and retired); the entry's ``rms_kid`` picks the key (entries of the first format:
+    each is tried). Also checks that the sealed resource matches the public
+    ``resource_sha256`` commitment, so the server cannot seal something other than what it
+    committed to. Raises :class:`EntryError`.
     """
+    pairs = {rms_keys.key_id: rms_keys} if isinstance(rms_keys, SealKeyPair) else dict(rms_keys)
+    if entry.rms_kid is not None:
+        pair = pairs.get(entry.rms_kid)
+        if pair is None:
+            raise EntryError(
+                f"entry {entry.seq}: sealed box cannot be opened with this key (it is sealed "
+                f"to RMS key {entry.rms_kid})"
+            )
+        candidates = [pair]
+    else:
+        candidates = list(pairs.values())
     try:
-        plaintext = rms_keypair.unseal(b64decode(entry.sealed))
-    except (ValueError, CryptoError):
-        raise EntryError(f"entry {entry.seq}: sealed box cannot be opened with this key") from None
+        box = b64decode(entry.sealed)
+    except ValueError:
+        raise EntryError(f"entry {entry.seq}: sealed is not valid base64") from None
+    plaintext: bytes | None = None
+    for pair in candidates:
+        try:
+            plaintext = pair.unseal(box)
+            break
+        except CryptoError:
+            continue
+    if plaintext is None:
+        raise EntryError(f"entry {entry.seq}: sealed box cannot be opened with this key")
     try:
         payload = orjson.loads(plaintext)
     except orjson.JSONDecodeError:

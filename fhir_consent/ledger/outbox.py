@@ -39,6 +39,7 @@ __all__ = [
     "claim_pending",
     "create_batch",
     "holds_lease",
+    "in_flight_params",
     "load_batches",
     "mark_confirmed",
     "mark_failure",
@@ -239,6 +240,23 @@ def load_batches(
     if due_before is not None:
         stmt = stmt.where(b.next_attempt_at <= due_before)
     return [_batch(r) for r in conn.execute(stmt.order_by(b.id).limit(limit))]
+
+
+def in_flight_params(
+    conn: Connection, engine: str, *, exclude: int | None = None
+) -> list[dict[str, Any]]:
+    """The parameters of the engine's unconfirmed batches and of its newest batch, oldest
+    first, leaving out batch ``exclude`` (for :class:`~.engines.base.PrepareContext`)."""
+    b = ledger_batch.c
+    newest = sa.select(sa.func.max(b.id)).where(b.engine == engine).scalar_subquery()
+    stmt = (
+        sa.select(b.id, b.params)
+        .where(b.engine == engine, sa.or_(b.state.in_(("prepared", "sent")), b.id == newest))
+        .order_by(b.id)
+    )
+    if exclude is not None:
+        stmt = stmt.where(b.id != exclude)
+    return [orjson.loads(row.params) for row in conn.execute(stmt)]
 
 
 def batch_items(conn: Connection, batch_id: int) -> list[AnchorItem]:

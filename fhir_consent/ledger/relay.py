@@ -44,6 +44,7 @@ from fhir_consent.ledger.engines.base import (
     EngineError,
     EngineRejected,
     LedgerEngine,
+    PrepareContext,
     StaleParameters,
 )
 from fhir_consent.store.db import Database
@@ -190,9 +191,10 @@ class Relay:
             if not items:
                 return None
             batch = items[:n]
+            context = PrepareContext(outbox.in_flight_params(conn, self.engine.name))
         # parameters may need the node (EVM nonce): ask outside the transaction
         try:
-            params = self.engine.prepare(batch)
+            params = self.engine.prepare(batch, context)
         except EngineError as exc:
             log.warning("relay: cannot prepare a batch (%s)", exc.code)
             return None
@@ -230,8 +232,10 @@ class Relay:
                         raise
         except StaleParameters as exc:
             log.warning("relay: batch %d needs new parameters (%s)", batch_id, exc.code)
+            with self.db.read() as conn:
+                others = outbox.in_flight_params(conn, self.engine.name, exclude=batch_id)
             try:
-                fresh = self.engine.prepare(items)
+                fresh = self.engine.prepare(items, PrepareContext(others, replacing=params))
             except EngineError as exc2:
                 return self._failed(lease, batch_id, exc2, retry_at, result)
             self._record(lease, outbox.reprepare, batch_id, fresh, self.clock())

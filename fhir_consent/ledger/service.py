@@ -33,6 +33,9 @@ from sqlalchemy.engine import Connection
 
 from fhir_consent.crypto import (
     ENV_PSEUDONYM_SECRET,
+    ENV_RETIRED_PSEUDONYM_SECRETS,
+    ENV_RETIRED_RMS_PRIVATE_KEYS,
+    ENV_RETIRED_RMS_PUBLIC_KEYS,
     ENV_RETIRED_SIGNING_KEYS,
     ENV_RMS_PRIVATE_KEY,
     ENV_RMS_PUBLIC_KEY,
@@ -43,6 +46,7 @@ from fhir_consent.crypto import (
 from fhir_consent.fhir.services import WriteEvent
 from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.ledger.embedded import EmbeddedLog, NewEntry
+from fhir_consent.ledger.engines.base import EMBEDDED
 from fhir_consent.ledger.entry import KINDS, event_for_consent
 from fhir_consent.requestctx import current_access
 
@@ -154,6 +158,9 @@ _KEY_VARIABLES: Final = (
     ENV_RMS_PUBLIC_KEY,
     ENV_RMS_PRIVATE_KEY,
     ENV_PSEUDONYM_SECRET,
+    ENV_RETIRED_RMS_PUBLIC_KEYS,
+    ENV_RETIRED_RMS_PRIVATE_KEYS,
+    ENV_RETIRED_PSEUDONYM_SECRETS,
 )
 
 
@@ -219,5 +226,5 @@ def build_ledger(
     """Load keys and wire the embedded log and the write listener."""
     ring = keyring if keyring is not None else load_keyring(settings)
     origin = settings.resolved_origin(public_base_url)
-    embedded = EmbeddedLog(ring, origin, clock=clock, outbox=settings.engine != "embedded")
+    embedded = EmbeddedLog(ring, origin, clock=clock, outbox=settings.engine != EMBEDDED)
     return Ledger(settings, ring, origin, embedded, LedgerListener(embedded))

@@ -14,7 +14,11 @@ Checks, each failure named as one line in :attr:`VerifyReport.problems`:
    (RFC 9162 §2.1.4.2).
 4. **Versions ↔ entries**: every Consent and DocumentReference version has its entry, every
    entry its version, and ``resource_sha256`` commits to exactly the stored version (a
-   deletion to ``null``).
+   deletion to ``null``). With the key ring (``keyring=``): ``subject`` is the pseudonym of
+   the version's patient under the key ``subject_kid`` names (a deletion: the patient of the
+   version before it), ``rms_kid`` names an RMS key of this log, and — for every RMS key
+   whose private half is held here — the sealed box opens and holds exactly that version.
+   Retired keys count: a log stays verifiable across rotations of every key.
 5. **External ledger** (when an engine is given): every anchored entry (``sent`` or
    ``confirmed``) is in its transaction on the chain, byte for byte; with ``scan_chain``, every
    transaction of ours on the chain is read and no entry appears twice.
@@ -33,10 +37,18 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from fhir_consent.crypto import PublicSigningKey, canonical_json, sha256_hex
+from fhir_consent.crypto import KeyRing, PublicSigningKey, canonical_json_text, sha256_hex
 from fhir_consent.ledger.checkpoint import CheckpointError, verify_checkpoint
 from fhir_consent.ledger.engines.base import EngineError, LedgerEngine
-from fhir_consent.ledger.entry import KINDS, EntryError, LedgerEntry, entry_from_bytes, verify_entry
+from fhir_consent.ledger.entry import (
+    KINDS,
+    EntryError,
+    LedgerEntry,
+    check_subject,
+    entry_from_bytes,
+    open_sealed,
+    verify_entry,
+)
 from fhir_consent.ledger.merkle import (
     EMPTY_ROOT,
     HASH_SIZE,
@@ -78,6 +90,8 @@ class VerifyReport:
     versions: int = 0
     outbox: dict[str, int] = field(default_factory=dict)
     anchored_checked: int = 0
+    subjects_checked: int = 0
+    sealed_checked: int = 0
     truncated: bool = False
 
     @property
@@ -90,7 +104,8 @@ class VerifyReport:
             f"log size {self.size}, root {self.root.hex()}; {self.entries} entries, "
             f"{self.nodes} tree nodes, {self.checkpoints} checkpoints, {self.versions} "
             f"Consent/DocumentReference versions; outbox: {counts}; "
-            f"{self.anchored_checked} anchored entries checked on the external ledger"
+            f"{self.anchored_checked} anchored entries checked on the external ledger; "
+            f"{self.subjects_checked} subjects and {self.sealed_checked} sealed boxes checked"
         )
 
 
@@ -150,6 +165,59 @@ def _split_ref(ref: str) -> tuple[str, str, int] | None:
     return parts[0], parts[1], int(parts[3])
 
 
+def _check_keys(
+    conn: Connection,
+    ring: KeyRing,
+    entries: list[tuple[Any, LedgerEntry | None]],
+    versions: dict[str, bytes | None],
+    report: VerifyReport,
+    out: _Report,
+) -> None:
+    """Subjects, RMS key ids and (where the private key is here) sealed boxes of a chunk."""
+    from fhir_consent.ledger.service import patient_reference
+
+    pseudonym_keys = ring.pseudonym_keys()
+    rms_ids = set(ring.rms_public_keys())
+    rms_pairs = ring.rms_keypairs()
+    previous: dict[str, bytes | None] = {}
+    wanted = []
+    for row, entry in entries:
+        split = _split_ref(row.ref)
+        if entry is not None and entry.event == "deleted" and split and split[2] > 1:
+            wanted.append((split[0], split[1], split[2] - 1))
+    if wanted:
+        previous = _versions_for(conn, wanted)
+    for row, entry in entries:
+        if entry is None or row.ref not in versions:
+            continue
+        content = versions[row.ref]
+        if content is None:  # a deletion: the patient of the version before it
+            split = _split_ref(row.ref)
+            if split is not None:
+                content = previous.get(f"{split[0]}/{split[1]}/_history/{split[2] - 1}")
+        try:
+            resource = orjson.loads(content) if content is not None else None
+        except orjson.JSONDecodeError:
+            resource = None  # reported above (resource_sha256)
+        try:
+            check_subject(entry, patient_reference(resource), pseudonym_keys)
+            report.subjects_checked += 1
+        except EntryError as exc:
+            out.add(str(exc))
+        if entry.rms_kid is not None and entry.rms_kid not in rms_ids:
+            out.add(f"entry {entry.seq}: sealed to RMS key {entry.rms_kid}, not a key of this log")
+            continue
+        if entry.rms_kid is None and not rms_pairs:
+            continue
+        if entry.rms_kid is not None and entry.rms_kid not in rms_pairs:
+            continue  # the RMS holds that private key, not this server
+        try:
+            open_sealed(entry, rms_pairs)
+            report.sealed_checked += 1
+        except EntryError as exc:
+            out.add(str(exc))
+
+
 def _check_entries(
     conn: Connection,
     keys: Mapping[str, PublicSigningKey],
@@ -157,6 +225,7 @@ def _check_entries(
     size: int,
     checkpoint_sizes: set[int],
     progress: Progress | None,
+    ring: KeyRing | None = None,
 ) -> tuple[MemoryTreeStore, CompactRange, dict[int, bytes], dict[int, bytes]]:
     tree = MemoryTreeStore()
     cr = CompactRange()
@@ -209,14 +278,16 @@ def _check_entries(
                     out.add(f"{row.ref}: a deletion, but entry {row.seq} says {entry.event}")
             else:
                 try:
-                    sha = sha256_hex(canonical_json(orjson.loads(content)))
-                except (orjson.JSONDecodeError, ValueError):
+                    sha = sha256_hex(canonical_json_text(content)[1])
+                except ValueError:
                     sha = ""
             if sha != entry.resource_sha256:
                 out.add(
                     f"{row.ref}: the stored version does not match entry {row.seq} "
                     "(resource_sha256)"
                 )
+        if ring is not None:
+            _check_keys(conn, ring, entries, versions, out.report, out)
         if progress is not None:
             progress("entries", expected, size)
     while expected < size:
@@ -390,8 +461,12 @@ def verify_ledger(
     scan_chain: bool = False,
     progress: Progress | None = None,
     max_problems: int = 1_000,
+    keyring: KeyRing | None = None,
 ) -> VerifyReport:
-    """Re-verify everything (see the module docstring); never raises for what it finds."""
+    """Re-verify everything (see the module docstring); never raises for what it finds.
+
+    ``keys`` are the log's signing keys by id; ``keyring`` (optional) adds the checks of
+    subjects and sealed boxes."""
     report = VerifyReport()
     out = _Report(report, max_problems)
     with db.read() as conn:
@@ -399,7 +474,9 @@ def verify_ledger(
         size = int(head.size) if head is not None else 0
         report.size = size
         cp_sizes = set(conn.execute(sa.select(ledger_checkpoint.c.size)).scalars())
-        tree, cr, roots, data_by_seq = _check_entries(conn, keys, out, size, cp_sizes, progress)
+        tree, cr, roots, data_by_seq = _check_entries(
+            conn, keys, out, size, cp_sizes, progress, keyring
+        )
         report.entries = len(data_by_seq)
         report.root = cr.root()
         compact = b"".join(cr.hashes)

@@ -18,8 +18,9 @@ The proof document (JSON)::
 
     {
       "entry": {"seq": 7, "ts": "…", "kind": "Consent", "ref": "Consent/c1/_history/2",
-                "event": "granted", "subject": "<hex>", "resource_sha256": "<hex>",
-                "sealed": "<b64>", "kid": "<16 hex>", "sig": "<b64>"},
+                "event": "granted", "subject": "<hex>", "subject_kid": "<16 hex>",
+                "resource_sha256": "<hex>", "sealed": "<b64>", "rms_kid": "<16 hex>",
+                "kid": "<16 hex>", "sig": "<b64>"},
       "leaf_index": 7,
       "inclusion_proof": ["<b64 32-byte hash>", …],
       "checkpoint": "<origin>\\n<size>\\n<b64 root>\\n\\n— <origin> <b64 sig>\\n",
@@ -33,7 +34,8 @@ Checks, in order (each failure names its reason):
    lines, and a signature line named after its origin with key hash
    ``SHA-256(origin || 0x0A || 0x01 || public_key)[:4]`` verifies under ``public_key``
    (c2sp.org/signed-note, c2sp.org/tlog-checkpoint); no matching line may fail;
-2. the entry has exactly the ledger.md §1 fields (plus ``kid``), and its Ed25519 signature over
+2. the entry has exactly the ledger.md §1 fields plus ``kid`` (and, since the pseudonym and
+   RMS keys rotate by id, ``subject_kid`` and ``rms_kid``), and its Ed25519 signature over
    the canonical JSON of all fields but ``sig`` verifies under the key whose id
    (``hex(SHA-256(key)[:8])``) is ``kid``: ``public_key``, or ``entry_public_key`` after a
    key rotation;
@@ -80,6 +82,7 @@ import nacl.signing
 
 __all__ = [
     "ENTRY_FIELDS",
+    "ENTRY_FIELDS_V2",
     "ProofError",
     "main",
     "make_document",
@@ -98,6 +101,8 @@ ENTRY_FIELDS: Final = (
     "kid",
     "sig",
 )
+#: Since key rotation of the pseudonym and RMS keys, entries also name those keys.
+ENTRY_FIELDS_V2: Final = (*ENTRY_FIELDS, "subject_kid", "rms_kid")
 _REQUIRED: Final = frozenset({"entry", "leaf_index", "inclusion_proof", "checkpoint", "public_key"})
 _OPTIONAL: Final = frozenset({"entry_public_key"})
 _MAX_SAFE_INT: Final = 2**53 - 1
@@ -237,14 +242,14 @@ def _parse_checkpoint(text: object) -> tuple[str, int, bytes, bytes, list[tuple[
 def _check_entry_shape(entry: object) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise ProofError("entry must be a JSON object")
-    if set(entry) != set(ENTRY_FIELDS):
-        missing = sorted(set(ENTRY_FIELDS) - set(entry))
-        extra = sorted(set(entry) - set(ENTRY_FIELDS))
+    if set(entry) != set(ENTRY_FIELDS) and set(entry) != set(ENTRY_FIELDS_V2):
+        missing = sorted(set(ENTRY_FIELDS_V2) - set(entry))
+        extra = sorted(set(entry) - set(ENTRY_FIELDS_V2))
         raise ProofError(f"entry fields: missing {missing}, unexpected {extra}")
     seq = entry["seq"]
     if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= _MAX_SAFE_INT:
         raise ProofError("entry seq must be a non-negative safe integer")
-    for name in ENTRY_FIELDS[1:]:
+    for name in [f for f in entry if f != "seq"]:
         if not isinstance(entry[name], str):
             raise ProofError(f"entry {name} must be a string")
     return entry

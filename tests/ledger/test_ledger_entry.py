@@ -134,6 +134,8 @@ def _alternatives(e: LedgerEntry, other: LedgerEntry) -> dict[str, Any]:
         "sealed": other.sealed,
         "kid": "0123456789abcdef",
         "sig": other.sig,
+        "subject_kid": "fedcba9876543210",
+        "rms_kid": "00112233445566ff",
     }
 
 
@@ -171,6 +173,9 @@ def test_malformed_fields_are_rejected(keyring: KeyRing, make_entry: MakeEntry) 
         ("sealed", "!!"),
         ("sealed", b64encode(b"x" * 48)),
         ("kid", "xyz"),
+        ("subject_kid", "XYZ"),
+        ("rms_kid", "0123"),
+        ("rms_kid", None),  # one key id without the other
         ("sig", b64encode(b"x" * 63)),
         ("sig", 5),
     ]

@@ -24,20 +24,33 @@ Errors::
     │                           old, nonce taken by another transaction): prepare anew
     └── EngineProtocolError     the node answered something this client does not understand
 
-Engines are looked up by name in :data:`ENGINES` today; issue 9 moves the registry to the
-``fhir_consent.ledger_engines`` entry-point group with the same factory signature.
+Finding engines (issue 9): by name (``FHIR_CONSENT_LEDGER_ENGINE``) in the
+``fhir_consent.ledger_engines`` entry-point group (:mod:`importlib.metadata`). Each entry
+point names an :data:`EngineFactory` — ``factory(settings, origin)`` returning a
+:class:`LedgerEngine`, or None for "no external ledger" (the built-in ``embedded``). The
+built-in ``embedded``, ``waves`` and ``evm`` are declared that way in ``pyproject.toml``;
+:data:`BUILTIN_ENGINES` repeats those declarations for a source checkout that was never
+installed (so has no metadata). A third-party package adds an engine by declaring one
+entry point — see ``docs/ledger-engines.md`` and ``tests/plugins/fc_engine_example``.
+:func:`register_engine` registers a factory in-process (embedding, tests) and wins over
+entry points.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from importlib import import_module, metadata
+from typing import Any, Final, Protocol, runtime_checkable
 
 from fhir_consent.ledger.config import LedgerSettings
 
 __all__ = [
+    "BUILTIN_ENGINES",
+    "EMBEDDED",
     "ENGINES",
+    "ENTRY_POINT_GROUP",
     "AnchorItem",
     "EngineError",
     "EngineFactory",
@@ -45,11 +58,28 @@ __all__ = [
     "EngineRejected",
     "EngineUnavailable",
     "LedgerEngine",
+    "PrepareContext",
     "StaleParameters",
     "TxStatus",
+    "available_engines",
     "create_engine",
+    "load_engine_factory",
     "register_engine",
 ]
+
+log = logging.getLogger("fhir_consent.ledger.engines")
+
+#: The entry-point group engines are declared in.
+ENTRY_POINT_GROUP: Final = "fhir_consent.ledger_engines"
+#: The engine name meaning "the embedded log only, no external ledger".
+EMBEDDED: Final = "embedded"
+#: The built-in engines' entry points exactly as ``pyproject.toml`` declares them (used only
+#: when the installed metadata does not know the name: a checkout that was never installed).
+BUILTIN_ENGINES: Final[Mapping[str, str]] = {
+    "embedded": "fhir_consent.ledger.engines.embedded:create",
+    "evm": "fhir_consent.ledger.engines.evm:EvmEngine.from_settings",
+    "waves": "fhir_consent.ledger.engines.waves:WavesEngine.from_settings",
+}
 
 
 class EngineError(Exception):
@@ -98,10 +128,32 @@ class TxStatus:
         return -1 if self.height is None else self.tip - self.height
 
 
+@dataclass(frozen=True, slots=True)
+class PrepareContext:
+    """What the relay knows when it asks for a batch's parameters.
+
+    ``in_flight``: the parameters of this engine's batches that are not confirmed yet, plus
+    those of the newest batch, oldest first (EVM: nonces already taken, so the next batch
+    takes the one after them even when the node has forgotten its pool). ``replacing``: the
+    parameters this batch had when they went stale (EVM: keep its nonce when that nonce was
+    never used, so no hole opens before later batches).
+    """
+
+    in_flight: Sequence[Mapping[str, Any]] = ()
+    replacing: Mapping[str, Any] | None = None
+
+
 @runtime_checkable
 class LedgerEngine(Protocol):
-    """An external ledger the relay anchors entries on (ledger.md §3)."""
+    """An external ledger the relay anchors entries on (ledger.md §3).
 
+    Every method may be called again after a crash with the same arguments, from another
+    process: none may keep state the relay did not store. Methods raise the
+    :class:`EngineError` subclasses above (never anything else for node trouble) with short
+    ``code`` values; messages must not carry entry contents or secrets (they are logged).
+    """
+
+    #: Stored with each batch and lease: must be stable for the life of the log.
     name: str
 
     def fit(self, items: Sequence[AnchorItem]) -> int:
@@ -109,24 +161,31 @@ class LedgerEngine(Protocol):
         alone exceeds the engine's limits (the relay then marks it skipped)."""
         ...
 
-    def prepare(self, items: Sequence[AnchorItem]) -> dict[str, Any]:
-        """Parameters (JSON-serialisable) that make the batch's transaction repeatable."""
+    def prepare(
+        self, items: Sequence[AnchorItem], context: PrepareContext | None = None
+    ) -> dict[str, Any]:
+        """Parameters (JSON-serialisable) that make the batch's transaction repeatable; the
+        relay stores them before the first :meth:`publish`."""
         ...
 
     def publish(self, items: Sequence[AnchorItem], params: Mapping[str, Any]) -> str:
-        """Broadcast the batch; return its transaction id."""
+        """Publish a batch: broadcast its transaction; return the transaction id. The same
+        items and parameters must never put the entries on the ledger twice."""
         ...
 
     def find(self, items: Sequence[AnchorItem], params: Mapping[str, Any]) -> str | None:
-        """The id of an earlier broadcast of this batch still known to the node, or None."""
+        """The id of an earlier broadcast of this batch still known to the node, or None
+        when it provably never went out (then the relay publishes)."""
         ...
 
     def status(self, txid: str) -> TxStatus:
-        """The transaction's inclusion height and the chain tip."""
+        """Confirmation status: whether the ledger knows the transaction, its inclusion
+        height and the tip (confirmed at ``height + k``)."""
         ...
 
     def fetch(self, txid: str) -> dict[int, bytes]:
-        """The entries (``seq`` → bytes) a transaction of ours carries on the chain."""
+        """Fetch by id: the entries (``seq`` → canonical bytes) the transaction carries on the
+        ledger; empty while it is not in a block (``ledger verify`` compares them)."""
         ...
 
     def close(self) -> None:
@@ -134,24 +193,79 @@ class LedgerEngine(Protocol):
         ...
 
 
-EngineFactory = Callable[[LedgerSettings, str], LedgerEngine]
+#: ``factory(settings, origin)``: an engine, or None for the embedded log alone.
+EngineFactory = Callable[[LedgerSettings, str], "LedgerEngine | None"]
 
-#: Engine factories by name: ``factory(settings, origin)``.
+#: Factories registered in this process by :func:`register_engine` (they win over entry
+#: points).
 ENGINES: dict[str, EngineFactory] = {}
 
 
 def register_engine(name: str, factory: EngineFactory) -> None:
-    """Register an engine factory under ``name`` (entry points in issue 9)."""
+    """Register an engine factory under ``name`` in this process."""
     ENGINES[name] = factory
+
+
+def _entry_points(name: str | None = None) -> list[metadata.EntryPoint]:
+    eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return [ep for ep in eps if name is None or ep.name == name]
+
+
+def available_engines() -> list[str]:
+    """Every engine name that can be configured: registered, declared or built in."""
+    return sorted(set(ENGINES) | {ep.name for ep in _entry_points()} | set(BUILTIN_ENGINES))
+
+
+def _load_reference(reference: str) -> Any:
+    """``module:attr.attr`` (entry-point object reference syntax) → the object."""
+    module, _, attrs = reference.partition(":")
+    obj: Any = import_module(module)
+    for attr in attrs.split(".") if attrs else ():
+        obj = getattr(obj, attr)
+    return obj
+
+
+def load_engine_factory(name: str) -> EngineFactory:
+    """The factory of engine ``name``: registered in-process, else the entry point of that
+    name, else the built-in declaration. Raises :class:`EngineError` (``config``) for an
+    unknown name, a name two packages declare differently, or one that does not load."""
+    if name in ENGINES:
+        return ENGINES[name]
+    eps = _entry_points(name)
+    values = {ep.value for ep in eps}
+    if len(values) > 1:
+        raise EngineError(
+            f"ledger engine {name!r} is declared by several packages ({sorted(values)})",
+            code="config",
+        )
+    try:
+        if eps:
+            factory = eps[0].load()
+        elif name in BUILTIN_ENGINES:
+            factory = _load_reference(BUILTIN_ENGINES[name])
+        else:
+            raise EngineError(
+                f"unknown ledger engine {name!r}; available: {', '.join(available_engines())}",
+                code="config",
+            )
+    except EngineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken plugin must not look like a node error
+        log.error("ledger engine %r does not load: %s", name, type(exc).__name__)
+        raise EngineError(f"ledger engine {name!r} does not load", code="config") from None
+    if not callable(factory):
+        raise EngineError(f"ledger engine {name!r} is not a factory", code="config")
+    result: EngineFactory = factory
+    return result
 
 
 def create_engine(settings: LedgerSettings, origin: str) -> LedgerEngine | None:
     """The configured external engine, or None for the embedded log alone."""
-    if settings.engine == "embedded":
-        return None
-    if not ENGINES:
-        from fhir_consent.ledger.engines import evm, waves  # noqa: F401  (register themselves)
-    factory = ENGINES.get(settings.engine)
-    if factory is None:
-        raise EngineError(f"unknown ledger engine {settings.engine!r}", code="config")
-    return factory(settings, origin)
+    engine = load_engine_factory(settings.engine)(settings, origin)
+    if engine is None and settings.engine != EMBEDDED:
+        raise EngineError(f"ledger engine {settings.engine!r} made no engine", code="config")
+    if engine is not None and not isinstance(engine, LedgerEngine):
+        raise EngineError(
+            f"ledger engine {settings.engine!r} does not implement LedgerEngine", code="config"
+        )
+    return engine

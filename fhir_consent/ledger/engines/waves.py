@@ -40,8 +40,8 @@ from fhir_consent.ledger.engines.base import (
     EngineProtocolError,
     EngineRejected,
     EngineUnavailable,
+    PrepareContext,
     TxStatus,
-    register_engine,
 )
 
 __all__ = [
@@ -184,7 +184,9 @@ class WavesEngine:
                 return n
         return min(len(items), MAX_ENTRIES)
 
-    def prepare(self, items: Sequence[AnchorItem]) -> dict[str, Any]:
+    def prepare(
+        self, items: Sequence[AnchorItem], context: PrepareContext | None = None
+    ) -> dict[str, Any]:
         return {"timestamp": int(self._clock_ms())}
 
     def transaction(self, items: Sequence[AnchorItem], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -310,5 +312,3 @@ class WavesEngine:
     def close(self) -> None:
         self._client.close()
 
-
-register_engine("waves", WavesEngine.from_settings)

@@ -155,15 +155,18 @@ function checkEntryShape(entry) {
     throw new ProofError("entry must be a JSON object");
   }
   const keys = Object.keys(entry);
-  const missing = ENTRY_FIELDS.filter((f) => !keys.includes(f));
-  const extra = keys.filter((k) => !ENTRY_FIELDS.includes(k));
+  // entries name their pseudonym and RMS keys too (key rotation), except the first format's
+  const fields = keys.includes("subject_kid") || keys.includes("rms_kid")
+    ? ENTRY_FIELDS.concat(["subject_kid", "rms_kid"]) : ENTRY_FIELDS;
+  const missing = fields.filter((f) => !keys.includes(f));
+  const extra = keys.filter((k) => !fields.includes(k));
   if (missing.length || extra.length) {
     throw new ProofError(`entry fields: missing [${missing}], unexpected [${extra}]`);
   }
   if (!Number.isSafeInteger(entry.seq) || entry.seq < 0) {
     throw new ProofError("entry seq must be a non-negative safe integer");
   }
-  for (const name of ENTRY_FIELDS.slice(1)) {
+  for (const name of fields.slice(1)) {
     if (typeof entry[name] !== "string") throw new ProofError(`entry ${name} must be a string`);
   }
 }
