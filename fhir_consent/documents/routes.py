@@ -5,6 +5,10 @@ content, with content negotiation, ranges, access checks and auditing.
   (streamed, encrypted chunk by chunk, never held whole in memory) or a FHIR Binary JSON whose
   ``data`` is base64. ``X-Security-Context`` sets ``Binary.securityContext`` (R4 binary.html
   "Security Context"). The response is the Binary's metadata (without ``data``).
+* ``PATCH Binary/{id}`` applies a JSON Patch to the Binary as a client reads it (with
+  ``data``) and stores the result as an update; see
+  :meth:`~fhir_consent.documents.service.DocumentHooks.patch_source`.
+* Every write is audited like the generic FHIR routes' writes.
 * ``GET Binary/{id}`` (and ``/_history/{vid}``) answers with the raw bytes and the stored
   Content-Type when ``Accept`` names that type, ``*/*``, or is absent; with the Binary resource
   (base64 ``data``, streamed) for ``application/fhir+json`` or ``_format=json``. Raw answers
@@ -55,10 +59,10 @@ from fhir_consent.documents.config import DocumentSettings
 from fhir_consent.documents.errors import ContentDestroyed, IntegrityFailure
 from fhir_consent.documents.service import (
     DocumentHooks,
+    log_integrity,
     owner_hint,
+    stored_content,
     strip_blob_extension,
-    trusted_blob,
-    with_blob,
 )
 from fhir_consent.documents.storage import BlobReader, BlobStore, Spool
 from fhir_consent.errors import (
@@ -75,6 +79,7 @@ from fhir_consent.errors import (
 from fhir_consent.fhir.http import (
     FHIR_JSON,
     check_accept,
+    check_content_type,
     etag,
     fhir_response,
     http_date,
@@ -97,6 +102,7 @@ FHIR_TYPES = frozenset({"application/fhir+json", "application/json+fhir"})
 JSON_TYPES = FHIR_TYPES | {"application/json"}
 _FORMAT_ALIASES = frozenset({"json", *JSON_TYPES})
 _PLACEHOLDER = "\x00fhir-consent-binary-data\x00"
+_PATCH_TYPES = frozenset({"application/json-patch+json"})
 
 
 @dataclass(slots=True)
@@ -212,13 +218,7 @@ def _integrity_response() -> Response:
     return fhir_response(outcome, 500)
 
 
-def _log_integrity(binary_id: str, exc: IntegrityFailure) -> None:
-    log.error(
-        "document integrity error: Binary/%s blob %s chunk %d failed authentication",
-        binary_id,
-        exc.blob_id,
-        exc.chunk,
-    )
+_log_integrity = log_integrity
 
 
 # -- the router ------------------------------------------------------------------------------
@@ -313,6 +313,11 @@ def build_router() -> APIRouter:
                 raise NotFound(f"Binary/{rid} is not known")
 
         def run(conn: Connection) -> WriteResult:
+            result = store(conn)
+            _audit_change(docs, conn, access, "create" if result.created else "update", result.row)
+            return result
+
+        def store(conn: Connection) -> WriteResult:
             check_existing(conn)
             service = docs.fhir.service(conn)
             with owner_hint(access.patient):
@@ -333,8 +338,7 @@ def build_router() -> APIRouter:
                     if len(raw) > docs.settings.max_upload_bytes:
                         raise PayloadTooLarge("The content exceeds the upload limit")
                     info = docs.store.store_bytes(conn, raw, ctype, owner)
-                meta = with_blob(meta, info.blob_id)
-                with trusted_blob(info.blob_id):
+                with stored_content(info.blob_id):
                     if rid is None:
                         return service.create("Binary", meta)
                     return service.update("Binary", rid, meta, if_match=if_match)
@@ -362,6 +366,35 @@ def build_router() -> APIRouter:
             raise BadRequest("The resource id is not a valid FHIR id")
         return await upload(request, docs, rid, Interaction.UPDATE)
 
+    @router.patch("/Binary/{rid:fhir_consent_id}")
+    async def patch_binary(rid: str, request: Request, docs: Docs) -> Response:
+        """R4 http.html §3.1.0.6 patch, for Binary: a JSON Patch (RFC 6902) applied to the
+        resource as a client reads it (``application/fhir+json``, with ``data``), stored as
+        an update (:meth:`DocumentHooks.patch_source`). If-Match honoured."""
+        if not is_valid_id(rid):
+            raise BadRequest("The resource id is not a valid FHIR id")
+        check_accept(request)
+        access = await docs.fhir.authenticate(request)
+        current_access.set(access)  # the write hooks and the ledger see who is calling
+        require(access, "Binary", Interaction.UPDATE)
+        check_content_type(request, _PATCH_TYPES)
+        try:
+            ops = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            raise BadRequest("The request body is not valid JSON") from None
+        if_match = parse_if_match(request.headers.get("if-match"))
+
+        def run(conn: Connection) -> WriteResult:
+            current = Repository(conn).current("Binary", rid, for_update=True)
+            if current is not None and not docs.access(conn, access, rid, Interaction.UPDATE):
+                raise NotFound(f"Binary/{rid} is not known")
+            with owner_hint(access.patient):
+                result = docs.fhir.service(conn).patch("Binary", rid, ops, if_match=if_match)
+            _audit_change(docs, conn, access, "patch", result.row)
+            return result
+
+        return written(request, docs, await in_db(docs, access, run, write=True))
+
     @router.delete("/Binary/{rid:fhir_consent_id}")
     async def delete_binary(rid: str, request: Request, docs: Docs) -> Response:
         """R4 http.html §3.1.0.7 delete; earlier versions stay readable (vread)."""
@@ -375,7 +408,10 @@ def build_router() -> APIRouter:
             current = Repository(conn).current("Binary", rid, for_update=True)
             if current is not None and not docs.access(conn, access, rid, Interaction.DELETE):
                 raise NotFound(f"Binary/{rid} is not known")
-            return docs.fhir.service(conn).delete("Binary", rid)
+            deleted = docs.fhir.service(conn).delete("Binary", rid)
+            if deleted is not None and current is not None and not current.deleted:
+                _audit_change(docs, conn, access, "delete", deleted)
+            return deleted
 
         row = await in_db(docs, access, run, write=True)
         headers = {"ETag": etag(row.version_id)} if row is not None else {}
@@ -443,10 +479,9 @@ def build_router() -> APIRouter:
             prepared = await run_in_threadpool(prepare_audited)
         except _IntegrityAbort:
             return _integrity_response()
-        ctype = (
-            prepared.info.content_type
-            if prepared.info
-            else prepared.resource.get("contentType", "application/octet-stream")
+        # The version's own contentType (a PATCH may change it and keep the content).
+        ctype = prepared.resource.get("contentType") or (
+            prepared.info.content_type if prepared.info else "application/octet-stream"
         )
         as_resource = _wants_resource(request, str(ctype))
         if as_resource:
@@ -508,6 +543,16 @@ async def _receive(request: Request, docs: Documents) -> Spool:
         spool.close()
         raise
     return spool
+
+
+def _audit_change(
+    docs: Documents, conn: Connection, access: AccessContext, interaction: str, row: CurrentRow
+) -> None:
+    """A Binary write in the audit trail, in its own transaction — as the generic FHIR routes
+    audit theirs (open access, for development, is not audited)."""
+    sink = docs.fhir.audit
+    if sink is not None and not access.is_open:
+        sink.record_change(conn, interaction, access, row, docs.fhir.clock())
 
 
 class _IntegrityAbort(Exception):

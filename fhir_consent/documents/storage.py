@@ -38,7 +38,7 @@ from sqlalchemy.engine import Connection
 from fhir_consent.documents.config import DocumentSettings
 from fhir_consent.documents.errors import ContentDestroyed, IntegrityFailure
 from fhir_consent.documents.keys import SEAL_OVERHEAD, SYSTEM_DOMAIN, ContentKey, DataKeyStore
-from fhir_consent.documents.tables import document_blobs, document_chunks
+from fhir_consent.documents.tables import document_blobs, document_chunks, document_versions
 from fhir_consent.store.db import Database
 
 __all__ = [
@@ -411,28 +411,45 @@ class BlobStore:
             raise ContentDestroyed()
         return data_key.open_content_key(info.blob_id, info.wrapped_key, info.nonce_prefix)
 
-    def reader(self, info: BlobInfo, key: ContentKey) -> BlobReader:
-        """A verified reader of the blob (opens its own read transactions)."""
-        return BlobReader(self, info, key)
+    def version_blob(self, conn: Connection, binary_id: str, version_id: int) -> BlobInfo | None:
+        """The blob holding the content of ``Binary/binary_id`` version ``version_id`` (None:
+        that version has no content)."""
+        v, b = document_versions.c, document_blobs.c
+        row = conn.execute(
+            sa.select(*_BLOB_COLS)
+            .select_from(document_versions.join(document_blobs, b.blob_id == v.blob_id))
+            .where(v.binary_id == binary_id, v.version_id == version_id)
+        ).first()
+        return BlobInfo(*row) if row is not None else None
+
+    def record_version(
+        self, conn: Connection, binary_id: str, version_id: int, blob_id: str
+    ) -> None:
+        """Record that a Binary version's content is ``blob_id`` (in the write's transaction)."""
+        conn.execute(
+            document_versions.insert().values(
+                binary_id=binary_id, version_id=version_id, blob_id=blob_id
+            )
+        )
+
+    def reader(
+        self, info: BlobInfo, key: ContentKey, *, conn: Connection | None = None
+    ) -> BlobReader:
+        """A verified reader of the blob: in ``conn``'s transaction when given, else in read
+        transactions of its own."""
+        return BlobReader(self, info, key, conn)
 
     def _read_ciphertexts(
-        self, info: BlobInfo, first: int, last: int
+        self, info: BlobInfo, first: int, last: int, conn: Connection | None = None
     ) -> Iterator[tuple[int, bytes]]:
         if info.backend == "dir":
             yield from self._read_file(info, first, last)
             return
-        c = document_chunks.c
-        with self.db.read() as conn:
-            if conn.dialect.name == "postgresql":
-                yield from _pg_binary_chunks(conn, info.blob_id, first, last)
-                return
-            rows = conn.execute(
-                sa.select(c.seq, c.data)
-                .where(c.blob_id == info.blob_id, c.seq >= first, c.seq <= last)
-                .order_by(c.seq)
-            )
-            for seq, data in rows:
-                yield int(seq), bytes(data)
+        if conn is not None:
+            yield from _db_chunks(conn, info.blob_id, first, last)
+            return
+        with self.db.read() as own:
+            yield from _db_chunks(own, info.blob_id, first, last)
 
     def _read_file(self, info: BlobInfo, first: int, last: int) -> Iterator[tuple[int, bytes]]:
         stride = info.chunk_size + SEAL_OVERHEAD
@@ -564,10 +581,13 @@ class BlobReader:
     position and finality checked) before it is returned; any failure is
     :class:`IntegrityFailure`."""
 
-    def __init__(self, store: BlobStore, info: BlobInfo, key: ContentKey) -> None:
+    def __init__(
+        self, store: BlobStore, info: BlobInfo, key: ContentKey, conn: Connection | None = None
+    ) -> None:
         self.store = store
         self.info = info
         self.key = key
+        self.conn = conn
         self.batch = max(1, _READ_BATCH_BYTES // info.chunk_size)
 
     def chunks(self, first: int, last: int) -> list[bytes]:
@@ -575,7 +595,7 @@ class BlobReader:
         info = self.info
         out: list[bytes] = []
         expect = first
-        for index, ciphertext in self.store._read_ciphertexts(info, first, last):
+        for index, ciphertext in self.store._read_ciphertexts(info, first, last, self.conn):
             if index != expect or len(ciphertext) != info.plain_len(index) + SEAL_OVERHEAD:
                 raise IntegrityFailure(info.blob_id, expect)
             out.append(self.key.open(index, index == info.chunk_count - 1, ciphertext))
@@ -596,6 +616,22 @@ class BlobReader:
         """Authenticate chunks ``first..last`` without keeping their plaintext."""
         for a, b in self.spans(first, last):
             self.chunks(a, b)
+
+
+def _db_chunks(
+    conn: Connection, blob_id: str, first: int, last: int
+) -> Iterator[tuple[int, bytes]]:
+    if conn.dialect.name == "postgresql":
+        yield from _pg_binary_chunks(conn, blob_id, first, last)
+        return
+    c = document_chunks.c
+    rows = conn.execute(
+        sa.select(c.seq, c.data)
+        .where(c.blob_id == blob_id, c.seq >= first, c.seq <= last)
+        .order_by(c.seq)
+    )
+    for seq, data in rows:
+        yield int(seq), bytes(data)
 
 
 def _pg_binary_chunks(

@@ -1,7 +1,8 @@
-"""Shared helpers of the document tests: an app with the document store (and the ledger)
-installed, a
-switchable caller (injected authenticator, as tests/fhir/test_visibility.py does), sample PDF
-and CDA content, and a dump of every byte the store keeps at rest."""
+"""Shared helpers of the document tests: the whole server (``fhir_consent.app:create_app``:
+consent, audit, ledger, documents, web) — or, for the document layer's own defaults, the core
+app with just the ledger and the document store — with a switchable caller (injected
+authenticator, as tests/fhir/test_visibility.py does), sample PDF and CDA content, and a dump
+of every byte the store keeps at rest."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from conftest import FHIR_JSON
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
-from fhir_consent.app import create_core_app
+from fhir_consent.app import create_app, create_core_app
 from fhir_consent.auth import AccessContext
 from fhir_consent.config import Settings
+from fhir_consent.consent.enforcement import PurposeOfUse
 from fhir_consent.documents import Documents, DocumentSettings, DownloadEvent, install
 from fhir_consent.documents.tables import document_blobs, document_chunks, document_data_keys
 from fhir_consent.ledger.api import install as install_ledger
@@ -101,20 +103,40 @@ def doc_settings(tmp_path: Path, backend: str, **overrides: Any) -> DocumentSett
 
 @contextmanager
 def make_env(
-    settings: Settings, documents: DocumentSettings, tmp_path: Path, **client_kw: Any
+    settings: Settings,
+    documents: DocumentSettings,
+    tmp_path: Path,
+    *,
+    whole: bool = True,
+    **client_kw: Any,
 ) -> Iterator[DocEnv]:
+    """``whole``: the server's own app (every layer, as ``fhir-consent serve`` runs it; the
+    download audit goes to the server's audit trail *and* to ``DocEnv.audit``). Otherwise the
+    core app with the ledger and the document store's default access and audit hooks."""
     settings = settings.model_copy(update={"smart_keys_dir": str(tmp_path / "smart")})
-    app = create_core_app(settings)
-    caller = Caller()
-    app.state.fhir.authenticate = caller
     ledger = LedgerSettings(  # every DocumentReference version gets its entry (issue 6)
         _env_file=None,  # type: ignore[call-arg]
         keys_dir=str(tmp_path / "ledger-keys"),
         origin=LEDGER_ORIGIN,
     )
-    install_ledger(app, app.state.fhir, ledger)
+    caller = Caller()
     events: list[DownloadEvent] = []
-    docs = install(app, app.state.fhir, documents, audit=events.append, replace=True)
+    if whole:
+        app = create_app(settings, ledger=ledger, documents=documents)
+        app.state.fhir.authenticate = PurposeOfUse(caller)  # as install_layers wraps it
+        docs: Documents = app.state.documents
+        server_audit = docs.audit
+
+        def tee(event: DownloadEvent) -> None:
+            events.append(event)
+            server_audit(event)
+
+        docs.audit = tee
+    else:
+        app = create_core_app(settings)
+        app.state.fhir.authenticate = caller
+        install_ledger(app, app.state.fhir, ledger)
+        docs = install(app, app.state.fhir, documents, audit=events.append, replace=True)
     with TestClient(app, base_url="https://testserver", **client_kw) as client:
         yield DocEnv(client, caller, docs, events)
 
