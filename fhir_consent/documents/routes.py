@@ -1,10 +1,11 @@
 """The Binary endpoints (R4 binary.html, http.html): raw upload and download of document
 content, with content negotiation, ranges, access checks and auditing.
 
-* ``POST Binary`` / ``PUT Binary/{id}`` take the raw bytes with their own Content-Type
-  (streamed, encrypted chunk by chunk, never held whole in memory) or a FHIR Binary JSON whose
-  ``data`` is base64. ``X-Security-Context`` sets ``Binary.securityContext`` (R4 binary.html
-  "Security Context"). The response is the Binary's metadata (without ``data``).
+* ``POST Binary`` (``If-None-Exist`` honoured) / ``PUT Binary/{id}`` take the raw bytes with
+  their own Content-Type (streamed, encrypted chunk by chunk, never held whole in memory) or a
+  FHIR Binary JSON whose ``data`` is base64. ``X-Security-Context`` sets
+  ``Binary.securityContext`` (R4 binary.html "Security Context"). The response is the Binary's
+  metadata (without ``data``).
 * ``PATCH Binary/{id}`` applies a JSON Patch to the Binary as a client reads it (with
   ``data``) and stores the result as an update; see
   :meth:`~fhir_consent.documents.service.DocumentHooks.patch_source`.
@@ -36,6 +37,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import parse_qsl
 
 import anyio
 import orjson
@@ -73,6 +75,7 @@ from fhir_consent.errors import (
     NotAcceptable,
     NotFound,
     PayloadTooLarge,
+    PreconditionFailed,
     UnsupportedMediaType,
     operation_outcome,
 )
@@ -287,6 +290,8 @@ def build_router() -> APIRouter:
         require(access, "Binary", interaction)
         ctype = _content_type(request)
         if_match = parse_if_match(request.headers.get("if-match")) if rid else None
+        ine = request.headers.get("if-none-exist") if rid is None else None
+        criteria = parse_qsl(ine.lstrip("?"), keep_blank_values=True) if ine is not None else None
         security = request.headers.get("x-security-context")
         resource: dict[str, Any] | None = None
         raw: bytes | None = None
@@ -314,12 +319,22 @@ def build_router() -> APIRouter:
 
         def run(conn: Connection) -> WriteResult:
             result = store(conn)
-            _audit_change(docs, conn, access, "create" if result.created else "update", result.row)
+            if result.existing:  # a conditional create that matched discloses the match
+                _audit_read(docs, access, result.row)
+            else:
+                action = "create" if result.created else "update"
+                _audit_change(docs, conn, access, action, result.row)
             return result
 
         def store(conn: Connection) -> WriteResult:
             check_existing(conn)
             service = docs.fhir.service(conn)
+            if criteria is not None:  # R4 http.html §3.1.0.8 conditional create
+                matches = service.conditional_matches("Binary", criteria)
+                if len(matches) == 1:
+                    return WriteResult(matches[0], created=False, existing=True)
+                if len(matches) > 1:
+                    raise PreconditionFailed("If-None-Exist matched more than one resource")
             with owner_hint(access.patient):
                 if resource is not None:
                     if rid is None:
@@ -553,6 +568,12 @@ def _audit_change(
     sink = docs.fhir.audit
     if sink is not None and not access.is_open:
         sink.record_change(conn, interaction, access, row, docs.fhir.clock())
+
+
+def _audit_read(docs: Documents, access: AccessContext, row: CurrentRow) -> None:
+    sink = docs.fhir.audit
+    if sink is not None and not access.is_open:
+        sink.record_access("read", access, [row], docs.fhir.clock())
 
 
 class _IntegrityAbort(Exception):

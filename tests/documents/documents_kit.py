@@ -136,7 +136,10 @@ def make_env(
         app = create_core_app(settings)
         app.state.fhir.authenticate = caller
         install_ledger(app, app.state.fhir, ledger)
-        docs = install(app, app.state.fhir, documents, audit=events.append, replace=True)
+        def record(event: DownloadEvent) -> None:
+            events.append(event)
+
+        docs = install(app, app.state.fhir, documents, audit=record, replace=True)
     with TestClient(app, base_url="https://testserver", **client_kw) as client:
         yield DocEnv(client, caller, docs, events)
 
