@@ -308,7 +308,9 @@ def build_router() -> APIRouter:
                     resource = parsed
                 else:
                     raw = body
-        spool = None if resource is not None or raw is not None else await _receive(request, docs)
+        streamed = resource is None and raw is None
+        spool = await _receive(request, docs, ctype) if streamed else None
+        spool_used = False
 
         def check_existing(conn: Connection) -> None:
             if rid is None:
@@ -347,7 +349,9 @@ def build_router() -> APIRouter:
                     meta["securityContext"] = {"reference": security.strip()}
                 owner = docs.hooks.owner_for(conn, meta.get("securityContext"))
                 if spool is not None:
+                    nonlocal spool_used
                     info = docs.store.commit_spool(conn, spool, ctype, owner)
+                    spool_used = True
                 else:
                     assert raw is not None
                     if len(raw) > docs.settings.max_upload_bytes:
@@ -362,11 +366,13 @@ def build_router() -> APIRouter:
             result = await in_db(docs, access, run, write=True)
         except BaseException:
             if spool is not None:
-                docs.store.discard(spool.blob_id)
+                await _discard(docs, spool)
             raise
         finally:
             if spool is not None:
                 spool.close()
+        if spool is not None and not spool_used:  # e.g. a conditional create that matched
+            await _discard(docs, spool)
         return written(request, docs, result)
 
     @router.post("/Binary")
@@ -506,30 +512,50 @@ def build_router() -> APIRouter:
     return router
 
 
-async def _receive(request: Request, docs: Documents) -> Spool:
-    """Stream the request body into a spool. The event loop keeps receiving while a worker
-    thread hashes and seals the previous chunk (a two-slot queue: memory stays at a few
-    chunks); anything that goes wrong removes the spool."""
+async def _receive(request: Request, docs: Documents, content_type: str) -> Spool:
+    """Stream the request body into a spool, as a pipeline: the event loop receives and cuts
+    the body into chunks, one worker thread hashes and seals them, another stores the sealed
+    batches ('db' backend: while the body is still arriving). Two-slot queues between the
+    stages keep memory at a few chunks and push back on the client; anything that goes wrong
+    removes the spool (and, for 'db', what it stored)."""
     limit = docs.settings.max_upload_bytes
     step = docs.store.chunk_size
-    spool = await run_in_threadpool(docs.store.spool)
-    send, received = anyio.create_memory_object_stream[bytes](max_buffer_size=2)
+    spool = await run_in_threadpool(docs.store.spool, content_type)
+    to_seal, sealing = anyio.create_memory_object_stream[bytes](max_buffer_size=2)
+    to_store, storing = anyio.create_memory_object_stream[list[dict[str, Any]]](max_buffer_size=2)
     failure: BaseException | None = None
+    sync = docs.store.backend == "dir"
 
     async def seal(cancel: anyio.CancelScope) -> None:
         nonlocal failure
         try:
-            async with received:
-                async for data in received:
-                    await run_in_threadpool(spool.write, data)
+            async with sealing, to_store:
+                async for data in sealing:
+                    rows = await run_in_threadpool(spool.write, data)
+                    if rows:
+                        await to_store.send(rows)
+                rows = await run_in_threadpool(lambda: spool.finish(sync=sync))
+                if rows:
+                    await to_store.send(rows)
         except Exception as exc:  # e.g. the disk is full
-            failure = exc
+            failure = failure or exc
+            cancel.cancel()
+
+    async def store(cancel: anyio.CancelScope) -> None:
+        nonlocal failure
+        try:
+            async with storing:
+                async for rows in storing:
+                    await run_in_threadpool(spool.store, rows)
+        except Exception as exc:  # e.g. the database is unreachable
+            failure = failure or exc
             cancel.cancel()
 
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(seal, tg.cancel_scope)
-            async with send:
+            tg.start_soon(store, tg.cancel_scope)
+            async with to_seal:
                 pieces: list[bytes] = []
                 pending = total = 0
                 try:
@@ -543,21 +569,30 @@ async def _receive(request: Request, docs: Documents) -> Spool:
                             over = pending - step
                             last = pieces[-1]
                             pieces[-1] = last[: len(last) - over]
-                            await send.send(b"".join(pieces))
+                            await to_seal.send(b"".join(pieces))
                             pieces = [last[len(last) - over :]] if over else []
                             pending = over
                     if pieces:
-                        await send.send(b"".join(pieces))
+                        await to_seal.send(b"".join(pieces))
                 except Exception as exc:  # too large, client gone: stop sealing too
                     failure = exc
                     tg.cancel_scope.cancel()
         if failure is not None:
             raise failure
-        await run_in_threadpool(spool.finish, sync=docs.store.backend == "dir")
     except BaseException:
         spool.close()
+        await _discard(docs, spool)
         raise
     return spool
+
+
+async def _discard(docs: Documents, spool: Spool) -> None:
+    """Remove what a spool stored (best effort, even while the request is being cancelled)."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await run_in_threadpool(docs.store.discard, spool.blob_id)
+        except Exception:  # noqa: BLE001 - gc removes it later; the original error matters
+            log.warning("could not remove the spool of a failed upload (gc will)")
 
 
 def _audit_change(
