@@ -36,6 +36,7 @@ from documents_kit import (
 from fhir_consent.config import Settings
 from fhir_consent.documents import BLOB_EXTENSION
 from fhir_consent.documents.tables import document_blobs, document_chunks, document_versions
+from fhir_consent.store.tables import resource_versions, resources
 
 PATCH = {"content-type": "application/json-patch+json", "accept": "application/fhir+json"}
 
@@ -455,8 +456,15 @@ def test_no_path_exposes_storage_internals(env: DocEnv) -> None:
         assert_clean(env, r.content)
     assert raw(env, f"Binary/{raw_id}").content == content  # untouched
 
-    # nothing internal is stored in the resources either
-    assert_clean(env, at_rest(env.docs))
+    # nothing internal is stored in the resources either (current and every version)
+    with env.docs.fhir.db.read() as conn:
+        for table in (resources, resource_versions):
+            for (content,) in conn.execute(
+                sa.select(table.c.content).where(
+                    table.c.res_type == "Binary", table.c.content.is_not(None)
+                )
+            ):
+                assert_clean(env, content if isinstance(content, bytes) else orjson.dumps(content))
 
 
 @pytest.mark.parametrize("prefer", ["representation", "minimal", "OperationOutcome"])
