@@ -514,7 +514,7 @@ def build_router() -> APIRouter:
 
 async def _receive(request: Request, docs: Documents, content_type: str) -> Spool:
     """Stream the request body into a spool, as a pipeline: the event loop receives and cuts
-    the body into chunks, one worker thread hashes and seals them, another stores the sealed
+    the body into chunks, one worker thread hashes and seals them, others store the sealed
     batches ('db' backend: while the body is still arriving). Two-slot queues between the
     stages keep memory at a few chunks and push back on the client; anything that goes wrong
     removes the spool (and, for 'db', what it stored)."""
@@ -541,11 +541,11 @@ async def _receive(request: Request, docs: Documents, content_type: str) -> Spoo
             failure = failure or exc
             cancel.cancel()
 
-    async def store(cancel: anyio.CancelScope) -> None:
+    async def store(cancel: anyio.CancelScope, batches: Any) -> None:
         nonlocal failure
         try:
-            async with storing:
-                async for rows in storing:
+            async with batches:
+                async for rows in batches:
                     await run_in_threadpool(spool.store, rows)
         except Exception as exc:  # e.g. the database is unreachable
             failure = failure or exc
@@ -554,7 +554,11 @@ async def _receive(request: Request, docs: Documents, content_type: str) -> Spoo
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(seal, tg.cancel_scope)
-            tg.start_soon(store, tg.cancel_scope)
+            # PostgreSQL inserts in two sessions at once (two server processes do the TOAST
+            # work); SQLite has one writer at a time anyway.
+            for _ in range(docs.store.write_sessions - 1):
+                tg.start_soon(store, tg.cancel_scope, storing.clone())
+            tg.start_soon(store, tg.cancel_scope, storing)
             async with to_seal:
                 pieces: list[bytes] = []
                 pending = total = 0

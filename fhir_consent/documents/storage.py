@@ -320,6 +320,8 @@ class BlobStore:
         self.backend: Backend = settings.backend
         self.root = settings.resolved_blob_dir()
         self.chunk_size = settings.chunk_size  # directories are created on first write
+        #: Concurrent transactions a streaming 'db' upload stores its batches in.
+        self.write_sessions = 2 if self.backend == "db" and not db.is_sqlite else 1
 
     # -- paths -------------------------------------------------------------------------------
 
