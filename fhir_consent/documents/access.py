@@ -17,8 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from fhir_consent.auth import AccessContext
-from fhir_consent.documents.errors import IntegrityFailure
-from fhir_consent.documents.service import blob_id_of, strip_blob_extension
+from fhir_consent.documents.service import strip_blob_extension
 from fhir_consent.documents.storage import BlobInfo, BlobReader, BlobStore
 from fhir_consent.documents.tables import document_links
 from fhir_consent.fhir.visibility import Visibility
@@ -158,7 +157,7 @@ def open_binary(
 ) -> OpenedBinary:
     """Look up ``Binary/binary_id`` (or one of its versions, R4 http.html vread), check access
     and open its content key. Raises :class:`Refused`, ``ContentDestroyed`` (shredded) or
-    ``IntegrityFailure`` (its blob is missing or its key does not authenticate)."""
+    ``IntegrityFailure`` (its content key does not authenticate)."""
     repo = Repository(conn)
     current = repo.current("Binary", binary_id)
     if current is None:
@@ -173,13 +172,9 @@ def open_binary(
         row = old
     if row.deleted or row.content is None:
         raise Refused("gone")
-    resource = orjson.loads(row.content)
-    documents = tuple(documents_pointing_to(conn, binary_id))
-    blob_id = blob_id_of(resource)
-    info = store.info(conn, blob_id) if blob_id else None
-    if blob_id is not None and info is None:
-        raise IntegrityFailure(blob_id)
-    reader = store.reader(info, store.content_key(conn, info)) if info is not None else None
-    resource = strip_blob_extension(resource)
+    resource = strip_blob_extension(orjson.loads(row.content))
     resource.pop("data", None)
+    documents = tuple(documents_pointing_to(conn, binary_id))
+    info = store.version_blob(conn, binary_id, row.version_id)
+    reader = store.reader(info, store.content_key(conn, info)) if info is not None else None
     return OpenedBinary(row, resource, info, reader, documents)

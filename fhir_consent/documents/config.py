@@ -43,8 +43,9 @@ class DocumentSettings(BaseSettings):
     )
     spool_dir: Path | None = Field(
         default=None,
-        description="Where uploads to the 'db' backend are spooled (as ciphertext) before they "
-        "are copied into the database; the system temporary directory when unset.",
+        description="No longer used: 'db' uploads stream into the database as they arrive and "
+        "'dir' uploads spool under blob_dir/.spool. 'fhir-consent documents gc' still removes "
+        "spool files older versions left here (the system temporary directory when unset).",
     )
     max_upload_bytes: int = Field(
         default=256 * _MiB,

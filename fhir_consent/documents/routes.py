@@ -1,10 +1,15 @@
 """The Binary endpoints (R4 binary.html, http.html): raw upload and download of document
 content, with content negotiation, ranges, access checks and auditing.
 
-* ``POST Binary`` / ``PUT Binary/{id}`` take the raw bytes with their own Content-Type
-  (streamed, encrypted chunk by chunk, never held whole in memory) or a FHIR Binary JSON whose
-  ``data`` is base64. ``X-Security-Context`` sets ``Binary.securityContext`` (R4 binary.html
-  "Security Context"). The response is the Binary's metadata (without ``data``).
+* ``POST Binary`` (``If-None-Exist`` honoured) / ``PUT Binary/{id}`` take the raw bytes with
+  their own Content-Type (streamed, encrypted chunk by chunk, never held whole in memory) or a
+  FHIR Binary JSON whose ``data`` is base64. ``X-Security-Context`` sets
+  ``Binary.securityContext`` (R4 binary.html "Security Context"). The response is the Binary's
+  metadata (without ``data``).
+* ``PATCH Binary/{id}`` applies a JSON Patch to the Binary as a client reads it (with
+  ``data``) and stores the result as an update; see
+  :meth:`~fhir_consent.documents.service.DocumentHooks.patch_source`.
+* Every write is audited like the generic FHIR routes' writes.
 * ``GET Binary/{id}`` (and ``/_history/{vid}``) answers with the raw bytes and the stored
   Content-Type when ``Accept`` names that type, ``*/*``, or is absent; with the Binary resource
   (base64 ``data``, streamed) for ``application/fhir+json`` or ``_format=json``. Raw answers
@@ -32,6 +37,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import parse_qsl
 
 import anyio
 import orjson
@@ -55,10 +61,10 @@ from fhir_consent.documents.config import DocumentSettings
 from fhir_consent.documents.errors import ContentDestroyed, IntegrityFailure
 from fhir_consent.documents.service import (
     DocumentHooks,
+    log_integrity,
     owner_hint,
+    stored_content,
     strip_blob_extension,
-    trusted_blob,
-    with_blob,
 )
 from fhir_consent.documents.storage import BlobReader, BlobStore, Spool
 from fhir_consent.errors import (
@@ -69,12 +75,14 @@ from fhir_consent.errors import (
     NotAcceptable,
     NotFound,
     PayloadTooLarge,
+    PreconditionFailed,
     UnsupportedMediaType,
     operation_outcome,
 )
 from fhir_consent.fhir.http import (
     FHIR_JSON,
     check_accept,
+    check_content_type,
     etag,
     fhir_response,
     http_date,
@@ -97,6 +105,7 @@ FHIR_TYPES = frozenset({"application/fhir+json", "application/json+fhir"})
 JSON_TYPES = FHIR_TYPES | {"application/json"}
 _FORMAT_ALIASES = frozenset({"json", *JSON_TYPES})
 _PLACEHOLDER = "\x00fhir-consent-binary-data\x00"
+_PATCH_TYPES = frozenset({"application/json-patch+json"})
 
 
 @dataclass(slots=True)
@@ -212,13 +221,7 @@ def _integrity_response() -> Response:
     return fhir_response(outcome, 500)
 
 
-def _log_integrity(binary_id: str, exc: IntegrityFailure) -> None:
-    log.error(
-        "document integrity error: Binary/%s blob %s chunk %d failed authentication",
-        binary_id,
-        exc.blob_id,
-        exc.chunk,
-    )
+_log_integrity = log_integrity
 
 
 # -- the router ------------------------------------------------------------------------------
@@ -287,6 +290,8 @@ def build_router() -> APIRouter:
         require(access, "Binary", interaction)
         ctype = _content_type(request)
         if_match = parse_if_match(request.headers.get("if-match")) if rid else None
+        ine = request.headers.get("if-none-exist") if rid is None else None
+        criteria = parse_qsl(ine.lstrip("?"), keep_blank_values=True) if ine is not None else None
         security = request.headers.get("x-security-context")
         resource: dict[str, Any] | None = None
         raw: bytes | None = None
@@ -303,7 +308,9 @@ def build_router() -> APIRouter:
                     resource = parsed
                 else:
                     raw = body
-        spool = None if resource is not None or raw is not None else await _receive(request, docs)
+        streamed = resource is None and raw is None
+        spool = await _receive(request, docs, ctype) if streamed else None
+        spool_used = False
 
         def check_existing(conn: Connection) -> None:
             if rid is None:
@@ -313,8 +320,23 @@ def build_router() -> APIRouter:
                 raise NotFound(f"Binary/{rid} is not known")
 
         def run(conn: Connection) -> WriteResult:
+            result = store(conn)
+            if result.existing:  # a conditional create that matched discloses the match
+                _audit_read(docs, access, result.row)
+            else:
+                action = "create" if result.created else "update"
+                _audit_change(docs, conn, access, action, result.row)
+            return result
+
+        def store(conn: Connection) -> WriteResult:
             check_existing(conn)
             service = docs.fhir.service(conn)
+            if criteria is not None:  # R4 http.html §3.1.0.8 conditional create
+                matches = service.conditional_matches("Binary", criteria)
+                if len(matches) == 1:
+                    return WriteResult(matches[0], created=False, existing=True)
+                if len(matches) > 1:
+                    raise PreconditionFailed("If-None-Exist matched more than one resource")
             with owner_hint(access.patient):
                 if resource is not None:
                     if rid is None:
@@ -327,14 +349,15 @@ def build_router() -> APIRouter:
                     meta["securityContext"] = {"reference": security.strip()}
                 owner = docs.hooks.owner_for(conn, meta.get("securityContext"))
                 if spool is not None:
+                    nonlocal spool_used
                     info = docs.store.commit_spool(conn, spool, ctype, owner)
+                    spool_used = True
                 else:
                     assert raw is not None
                     if len(raw) > docs.settings.max_upload_bytes:
                         raise PayloadTooLarge("The content exceeds the upload limit")
                     info = docs.store.store_bytes(conn, raw, ctype, owner)
-                meta = with_blob(meta, info.blob_id)
-                with trusted_blob(info.blob_id):
+                with stored_content(info.blob_id):
                     if rid is None:
                         return service.create("Binary", meta)
                     return service.update("Binary", rid, meta, if_match=if_match)
@@ -343,11 +366,13 @@ def build_router() -> APIRouter:
             result = await in_db(docs, access, run, write=True)
         except BaseException:
             if spool is not None:
-                docs.store.discard(spool.blob_id)
+                await _discard(docs, spool)
             raise
         finally:
             if spool is not None:
                 spool.close()
+        if spool is not None and not spool_used:  # e.g. a conditional create that matched
+            await _discard(docs, spool)
         return written(request, docs, result)
 
     @router.post("/Binary")
@@ -362,6 +387,35 @@ def build_router() -> APIRouter:
             raise BadRequest("The resource id is not a valid FHIR id")
         return await upload(request, docs, rid, Interaction.UPDATE)
 
+    @router.patch("/Binary/{rid:fhir_consent_id}")
+    async def patch_binary(rid: str, request: Request, docs: Docs) -> Response:
+        """R4 http.html §3.1.0.6 patch, for Binary: a JSON Patch (RFC 6902) applied to the
+        resource as a client reads it (``application/fhir+json``, with ``data``), stored as
+        an update (:meth:`DocumentHooks.patch_source`). If-Match honoured."""
+        if not is_valid_id(rid):
+            raise BadRequest("The resource id is not a valid FHIR id")
+        check_accept(request)
+        access = await docs.fhir.authenticate(request)
+        current_access.set(access)  # the write hooks and the ledger see who is calling
+        require(access, "Binary", Interaction.UPDATE)
+        check_content_type(request, _PATCH_TYPES)
+        try:
+            ops = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            raise BadRequest("The request body is not valid JSON") from None
+        if_match = parse_if_match(request.headers.get("if-match"))
+
+        def run(conn: Connection) -> WriteResult:
+            current = Repository(conn).current("Binary", rid, for_update=True)
+            if current is not None and not docs.access(conn, access, rid, Interaction.UPDATE):
+                raise NotFound(f"Binary/{rid} is not known")
+            with owner_hint(access.patient):
+                result = docs.fhir.service(conn).patch("Binary", rid, ops, if_match=if_match)
+            _audit_change(docs, conn, access, "patch", result.row)
+            return result
+
+        return written(request, docs, await in_db(docs, access, run, write=True))
+
     @router.delete("/Binary/{rid:fhir_consent_id}")
     async def delete_binary(rid: str, request: Request, docs: Docs) -> Response:
         """R4 http.html §3.1.0.7 delete; earlier versions stay readable (vread)."""
@@ -375,7 +429,10 @@ def build_router() -> APIRouter:
             current = Repository(conn).current("Binary", rid, for_update=True)
             if current is not None and not docs.access(conn, access, rid, Interaction.DELETE):
                 raise NotFound(f"Binary/{rid} is not known")
-            return docs.fhir.service(conn).delete("Binary", rid)
+            deleted = docs.fhir.service(conn).delete("Binary", rid)
+            if deleted is not None and current is not None and not current.deleted:
+                _audit_change(docs, conn, access, "delete", deleted)
+            return deleted
 
         row = await in_db(docs, access, run, write=True)
         headers = {"ETag": etag(row.version_id)} if row is not None else {}
@@ -443,10 +500,9 @@ def build_router() -> APIRouter:
             prepared = await run_in_threadpool(prepare_audited)
         except _IntegrityAbort:
             return _integrity_response()
-        ctype = (
-            prepared.info.content_type
-            if prepared.info
-            else prepared.resource.get("contentType", "application/octet-stream")
+        # The version's own contentType (a PATCH may change it and keep the content).
+        ctype = prepared.resource.get("contentType") or (
+            prepared.info.content_type if prepared.info else "application/octet-stream"
         )
         as_resource = _wants_resource(request, str(ctype))
         if as_resource:
@@ -456,30 +512,54 @@ def build_router() -> APIRouter:
     return router
 
 
-async def _receive(request: Request, docs: Documents) -> Spool:
-    """Stream the request body into a spool. The event loop keeps receiving while a worker
-    thread hashes and seals the previous chunk (a two-slot queue: memory stays at a few
-    chunks); anything that goes wrong removes the spool."""
+async def _receive(request: Request, docs: Documents, content_type: str) -> Spool:
+    """Stream the request body into a spool, as a pipeline: the event loop receives and cuts
+    the body into chunks, one worker thread hashes and seals them, others store the sealed
+    batches ('db' backend: while the body is still arriving). Two-slot queues between the
+    stages keep memory at a few chunks and push back on the client; anything that goes wrong
+    removes the spool (and, for 'db', what it stored)."""
     limit = docs.settings.max_upload_bytes
     step = docs.store.chunk_size
-    spool = await run_in_threadpool(docs.store.spool)
-    send, received = anyio.create_memory_object_stream[bytes](max_buffer_size=2)
+    spool = await run_in_threadpool(docs.store.spool, content_type)
+    to_seal, sealing = anyio.create_memory_object_stream[bytes](max_buffer_size=2)
+    to_store, storing = anyio.create_memory_object_stream[list[dict[str, Any]]](max_buffer_size=2)
     failure: BaseException | None = None
+    sync = docs.store.backend == "dir"
 
     async def seal(cancel: anyio.CancelScope) -> None:
         nonlocal failure
         try:
-            async with received:
-                async for data in received:
-                    await run_in_threadpool(spool.write, data)
+            async with sealing, to_store:
+                async for data in sealing:
+                    rows = await run_in_threadpool(spool.write, data)
+                    if rows:
+                        await to_store.send(rows)
+                rows = await run_in_threadpool(lambda: spool.finish(sync=sync))
+                if rows:
+                    await to_store.send(rows)
         except Exception as exc:  # e.g. the disk is full
-            failure = exc
+            failure = failure or exc
+            cancel.cancel()
+
+    async def store(cancel: anyio.CancelScope, batches: Any) -> None:
+        nonlocal failure
+        try:
+            async with batches:
+                async for rows in batches:
+                    await run_in_threadpool(spool.store, rows)
+        except Exception as exc:  # e.g. the database is unreachable
+            failure = failure or exc
             cancel.cancel()
 
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(seal, tg.cancel_scope)
-            async with send:
+            # PostgreSQL inserts in two sessions at once (two server processes do the TOAST
+            # work); SQLite has one writer at a time anyway.
+            for _ in range(docs.store.write_sessions - 1):
+                tg.start_soon(store, tg.cancel_scope, storing.clone())
+            tg.start_soon(store, tg.cancel_scope, storing)
+            async with to_seal:
                 pieces: list[bytes] = []
                 pending = total = 0
                 try:
@@ -493,21 +573,46 @@ async def _receive(request: Request, docs: Documents) -> Spool:
                             over = pending - step
                             last = pieces[-1]
                             pieces[-1] = last[: len(last) - over]
-                            await send.send(b"".join(pieces))
+                            await to_seal.send(b"".join(pieces))
                             pieces = [last[len(last) - over :]] if over else []
                             pending = over
                     if pieces:
-                        await send.send(b"".join(pieces))
+                        await to_seal.send(b"".join(pieces))
                 except Exception as exc:  # too large, client gone: stop sealing too
                     failure = exc
                     tg.cancel_scope.cancel()
         if failure is not None:
             raise failure
-        await run_in_threadpool(spool.finish, sync=docs.store.backend == "dir")
     except BaseException:
         spool.close()
+        await _discard(docs, spool)
         raise
     return spool
+
+
+async def _discard(docs: Documents, spool: Spool) -> None:
+    """Remove what a spool stored (best effort, even while the request is being cancelled)."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await run_in_threadpool(docs.store.discard, spool.blob_id)
+        except Exception:  # noqa: BLE001 - gc removes it later; the original error matters
+            log.warning("could not remove the spool of a failed upload (gc will)")
+
+
+def _audit_change(
+    docs: Documents, conn: Connection, access: AccessContext, interaction: str, row: CurrentRow
+) -> None:
+    """A Binary write in the audit trail, in its own transaction — as the generic FHIR routes
+    audit theirs (open access, for development, is not audited)."""
+    sink = docs.fhir.audit
+    if sink is not None and not access.is_open:
+        sink.record_change(conn, interaction, access, row, docs.fhir.clock())
+
+
+def _audit_read(docs: Documents, access: AccessContext, row: CurrentRow) -> None:
+    sink = docs.fhir.audit
+    if sink is not None and not access.is_open:
+        sink.record_access("read", access, [row], docs.fhir.clock())
 
 
 class _IntegrityAbort(Exception):

@@ -2,9 +2,17 @@
 superseding — all inside the write's own database transaction.
 
 * **Binary** (R4 binary.html): a Binary written through any path (REST, transaction Bundle)
-  has its ``data`` moved into encrypted blob storage; the stored resource keeps only metadata
-  plus a ``meta`` extension naming its blob (:data:`BLOB_EXTENSION`), which clients cannot set (a
-  client-supplied one is dropped unless it repeats the previous version's own blob).
+  has its ``data`` moved into encrypted blob storage; the stored resource keeps only the
+  metadata a client may see, and ``document_versions`` records which blob holds each
+  version's content. Nothing internal is in the stored resource, so the generic FHIR paths
+  that serve stored bytes (search, history, bundles, ``_include``) cannot expose it; they show
+  a Binary's metadata, and its content is served only by ``GET Binary/{id}`` (raw or as a FHIR
+  Binary with ``data``), behind the document access checks and the download audit.
+* **PATCH** of a Binary (R4 http.html §3.1.0.6) applies to the form a client reads — the
+  resource *with* its ``data`` — and is then an update (:meth:`DocumentHooks.patch_source`).
+  A patch that does not touch ``/data`` keeps the stored content without reading it; one
+  that does needs the content decoded in memory, so it is refused (422 ``too-costly``) above
+  ``max_json_upload_bytes``, the size of a JSON upload.
 * **DocumentReference** (R4 documentreference.html): inline ``content.attachment.data`` becomes
   a new Binary and the attachment gets ``url = Binary/{id}``; for data or a local ``Binary/{id}``
   url the server sets ``size`` and ``hash`` (base64 SHA-1, R4 datatypes.html#Attachment) and
@@ -15,6 +23,10 @@ superseding — all inside the write's own database transaction.
   ``status = superseded`` as a new version, in the same transaction (R4 documentreference.html
   §2.42.3 "Document Relationships"). The target must have the same subject (422 otherwise);
   an unknown target is left alone.
+
+Databases written before migration 0006 named the blob in a ``meta.extension``
+(:data:`BLOB_EXTENSION`); the migration moved every such pointer out, and a client-supplied
+one is dropped.
 """
 
 from __future__ import annotations
@@ -22,54 +34,130 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
+import secrets
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from fhir_consent.auth import require
+from fhir_consent.documents.errors import ContentDestroyed, IntegrityFailure
 from fhir_consent.documents.keys import SYSTEM_DOMAIN
 from fhir_consent.documents.storage import BlobInfo, BlobStore
 from fhir_consent.documents.tables import document_links
-from fhir_consent.errors import BadRequest, Issue, PayloadTooLarge, Unprocessable
+from fhir_consent.errors import (
+    BadRequest,
+    FHIRError,
+    Gone,
+    Issue,
+    PayloadTooLarge,
+    Unprocessable,
+)
 from fhir_consent.fhir.services import ResourceService, WriteEvent
 from fhir_consent.fhir.validation import is_valid_id
+from fhir_consent.requestctx import current_access
 from fhir_consent.store.repository import CurrentRow, Repository
+from smart_on_fhir.scopes import Interaction
 
 __all__ = [
     "BLOB_EXTENSION",
     "DocumentHooks",
-    "blob_id_of",
+    "StoredContentCorrupt",
     "local_reference",
+    "log_integrity",
     "owner_hint",
+    "stored_content",
     "strip_blob_extension",
-    "trusted_blob",
-    "with_blob",
 ]
 
-#: ``meta.extension`` of stored Binary resources naming their encrypted blob (never settable by
-#: clients, removed from every Binary this package serves).
+log = logging.getLogger("fhir_consent.documents")
+
+#: The ``meta.extension`` that named a Binary's blob before migration 0006. Never stored any
+#: more, never honoured from a client, never served.
 BLOB_EXTENSION: Final = "urn:fhir-consent:documents:blob"
 
-_TRUSTED: ContextVar[str | None] = ContextVar("documents_trusted_blob", default=None)
+_CONTENT: ContextVar[str | None] = ContextVar("documents_stored_content", default=None)
 _OWNER: ContextVar[str | None] = ContextVar("documents_owner_hint", default=None)
 _SUPERSEDING: ContextVar[bool] = ContextVar("documents_superseding", default=False)
 
 ServiceFactory = Callable[[Connection], ResourceService]
+VersionKey = tuple[str, int] | None  # (Binary id, version id) of the version being replaced
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """What the PreWrite hook decided for the Binary version being written: its blob (None:
+    no content), picked up by the WriteListener once the version has its number."""
+
+    previous: VersionKey
+    blob_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _PatchBase:
+    """The ``data`` a PATCH was applied to (the real content, or a stand-in for content the
+    patch does not touch) and the blob that holds it."""
+
+    version: VersionKey
+    data: str
+    blob_id: str
+
+
+_PENDING: ContextVar[_Pending | None] = ContextVar("documents_pending", default=None)
+_PATCH_BASE: ContextVar[_PatchBase | None] = ContextVar("documents_patch_base", default=None)
+
+
+class StoredContentCorrupt(FHIRError):
+    """Stored content failed authentication while the server needed it (500)."""
+
+    status = 500
+    code = "exception"
+
+    def __init__(self) -> None:
+        super().__init__("The stored content failed its integrity check")
+
+
+def log_integrity(binary_id: str, exc: IntegrityFailure) -> None:
+    """Log an integrity failure with identifiers only (never content or keys)."""
+    log.error(
+        "document integrity error: Binary/%s blob %s chunk %d failed authentication",
+        binary_id,
+        exc.blob_id,
+        exc.chunk,
+    )
 
 
 @contextmanager
-def trusted_blob(blob_id: str) -> Iterator[None]:
-    """Within this block, a Binary written with ``blob_id``'s extension keeps it (the server
-    stored that blob itself for this write)."""
-    token = _TRUSTED.set(blob_id)
+def stored_content(blob_id: str) -> Iterator[None]:
+    """Within this block, the Binary being written gets the content of ``blob_id`` (which the
+    server stored itself for this write, in the same transaction)."""
+    token = _CONTENT.set(blob_id)
     try:
         yield
     finally:
-        _TRUSTED.reset(token)
+        _CONTENT.reset(token)
+
+
+def _key(row: CurrentRow | None) -> VersionKey:
+    return (row.res_id, row.version_id) if row is not None else None
+
+
+def _touches_data(operations: list[Any]) -> bool:
+    """Whether a JSON Patch reads or writes ``/data`` (or the whole document)."""
+    for op in operations:
+        for name in ("path", "from"):
+            pointer = op.get(name) if isinstance(op, dict) else None
+            if isinstance(pointer, str) and (
+                pointer in ("", "/data") or pointer.startswith("/data/")
+            ):
+                return True
+    return False
 
 
 @contextmanager
@@ -83,18 +171,8 @@ def owner_hint(patient_id: str | None) -> Iterator[None]:
         _OWNER.reset(token)
 
 
-def blob_id_of(resource: Mapping[str, Any]) -> str | None:
-    """The blob a stored Binary points at (its ``meta.extension``), if any."""
-    meta = resource.get("meta")
-    for ext in (meta.get("extension") or ()) if isinstance(meta, dict) else ():
-        if isinstance(ext, dict) and ext.get("url") == BLOB_EXTENSION:
-            value = ext.get("valueId")
-            return value if isinstance(value, str) else None
-    return None
-
-
 def strip_blob_extension(resource: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``resource`` without the blob extension (what clients are shown)."""
+    """A copy of ``resource`` without the (pre-0006, or client-forged) blob extension."""
     out = dict(resource)
     meta = out.get("meta")
     if not isinstance(meta, dict) or "extension" not in meta:
@@ -113,16 +191,6 @@ def strip_blob_extension(resource: Mapping[str, Any]) -> dict[str, Any]:
         out["meta"] = meta
     else:
         out.pop("meta", None)
-    return out
-
-
-def with_blob(resource: Mapping[str, Any], blob_id: str) -> dict[str, Any]:
-    """A copy of ``resource`` whose ``meta.extension`` names ``blob_id`` (Binary is a plain
-    Resource: ``meta`` is where an extension may go, R4 resource.html#Meta)."""
-    out = strip_blob_extension(resource)
-    meta = dict(out.get("meta") or {})
-    meta["extension"] = [*meta.get("extension", []), {"url": BLOB_EXTENSION, "valueId": blob_id}]
-    out["meta"] = meta
     return out
 
 
@@ -174,11 +242,13 @@ class DocumentHooks:
         *,
         base_url: str | None = None,
         max_content_bytes: int,
+        max_patch_bytes: int | None = None,
     ) -> None:
         self.store = store
         self.services = services  # guard-free services for writes the server makes itself
         self.base_url = base_url
         self.max_content_bytes = max_content_bytes
+        self.max_patch_bytes = max_patch_bytes if max_patch_bytes is not None else max_content_bytes
 
     # -- PreWrite --------------------------------------------------------------------------
 
@@ -199,23 +269,24 @@ class DocumentHooks:
     def _binary(
         self, conn: Connection, resource: dict[str, Any], previous: CurrentRow | None
     ) -> dict[str, Any]:
-        claimed = blob_id_of(resource)
-        trusted = _TRUSTED.get()
-        if trusted is not None and claimed == trusted:
-            return resource
-        out = strip_blob_extension(resource)
+        out = strip_blob_extension(resource)  # a client never names a blob
         data = out.pop("data", None)
-        if data is None:
-            # A client echoing the previous version's own blob keeps its content.
-            if claimed is not None and previous is not None and previous.content is not None:
-                if blob_id_of(orjson.loads(previous.content)) == claimed:
-                    return with_blob(out, claimed)
-            return out
-        raw = _decode_base64(data, "Binary.data")
-        self._check_size(len(raw))
-        owner = self.owner_for(conn, out.get("securityContext"))
-        info = self.store.store_bytes(conn, raw, str(out.get("contentType")), owner)
-        return with_blob(out, info.blob_id)
+        blob_id = _CONTENT.get()
+        base = _PATCH_BASE.get()
+        _CONTENT.set(None)  # both are for this one write only
+        _PATCH_BASE.set(None)
+        if blob_id is None and data is not None:
+            if base is not None and base.version == _key(previous) and data == base.data:
+                blob_id = base.blob_id  # a PATCH that left the content as it was
+            else:
+                raw = _decode_base64(data, "Binary.data")
+                self._check_size(len(raw))
+                owner = self.owner_for(conn, out.get("securityContext"))
+                blob_id = self.store.store_bytes(
+                    conn, raw, str(out.get("contentType")), owner
+                ).blob_id
+        _PENDING.set(_Pending(_key(previous), blob_id))
+        return out
 
     def _check_size(self, size: int) -> None:
         if size > self.max_content_bytes:
@@ -253,8 +324,8 @@ class DocumentHooks:
         binary: dict[str, Any] = {"resourceType": "Binary", "contentType": ctype}
         if patient is not None:
             binary["securityContext"] = {"reference": f"Patient/{patient}"}
-        with trusted_blob(info.blob_id):
-            created = self.services(conn).create("Binary", with_blob(binary, info.blob_id))
+        with stored_content(info.blob_id):
+            created = self.services(conn).create("Binary", binary)
         out = {k: v for k, v in att.items() if k != "data"}
         out.update(url=f"Binary/{created.row.res_id}", size=size, hash=sha1)
         return out
@@ -308,8 +379,54 @@ class DocumentHooks:
         row = Repository(conn).current("Binary", binary_id)
         if row is None or row.deleted or row.content is None:
             return None
-        blob_id = blob_id_of(orjson.loads(row.content))
-        return self.store.info(conn, blob_id) if blob_id else None
+        return self.store.version_blob(conn, binary_id, row.version_id)
+
+    # -- PatchSource -----------------------------------------------------------------------
+
+    def patch_source(
+        self, service: ResourceService, row: CurrentRow, operations: list[Any]
+    ) -> dict[str, Any] | None:
+        """The form of a Binary a JSON Patch applies to: what a client reads as
+        ``application/fhir+json`` — the metadata and, when there is content, ``data``.
+
+        Unless the patch reads or writes ``/data`` (or the whole document), ``data`` is a
+        random stand-in: the content is neither decrypted nor copied, and the update keeps
+        its blob when the stand-in comes back unchanged. Otherwise the content is decrypted
+        (authenticated) in memory, up to ``max_patch_bytes`` (422 ``too-costly`` above)."""
+        if row.res_type != "Binary" or row.content is None:
+            return None
+        conn = service.conn
+        doc = strip_blob_extension(orjson.loads(row.content))
+        doc.pop("data", None)
+        info = self.store.version_blob(conn, row.res_id, row.version_id)
+        if info is None:
+            return doc
+        if not _touches_data(operations):
+            data = base64.b64encode(secrets.token_bytes(24)).decode("ascii")
+        else:
+            # A patch on /data reads the content (a 'test' op compares it): read scope too.
+            require(current_access.get(), "Binary", Interaction.READ)
+            if info.size > self.max_patch_bytes:
+                raise Unprocessable(
+                    "The content is too large to patch as JSON; replace it with PUT",
+                    issues=[
+                        Issue(
+                            "The content is too large to patch as JSON; replace it with PUT",
+                            "too-costly",
+                        )
+                    ],
+                )
+            try:
+                reader = self.store.reader(info, self.store.content_key(conn, info), conn=conn)
+                plain = b"".join(reader.chunks(0, info.chunk_count - 1))
+            except ContentDestroyed:
+                raise Gone(f"The content of Binary/{row.res_id} has been destroyed") from None
+            except IntegrityFailure as exc:
+                log_integrity(row.res_id, exc)
+                raise StoredContentCorrupt() from None
+            data = base64.b64encode(plain).decode("ascii")
+        _PATCH_BASE.set(_PatchBase(_key(row), data, info.blob_id))
+        return {**doc, "data": data}
 
     # -- WriteListener ---------------------------------------------------------------------
 
@@ -324,12 +441,19 @@ class DocumentHooks:
                 self._supersede(conn, event)
 
     def _binary_written(self, conn: Connection, event: WriteEvent) -> None:
-        if event.resource is None:
+        if event.resource is None:  # a deletion: the version has no content
             return
-        blob_id = blob_id_of(event.resource)
+        pending = _PENDING.get()
+        _PENDING.set(None)
+        if pending is None or pending.previous != _key(event.previous):
+            # Never store a Binary the PreWrite hook did not see (its data would be kept as
+            # plaintext, or the version would point at another write's content).
+            raise RuntimeError("a Binary was written without the document store's PreWrite")
+        blob_id = pending.blob_id
         if blob_id is None:
             return
         rid = event.current.res_id
+        self.store.record_version(conn, rid, event.current.version_id, blob_id)
         self.store.attach(conn, blob_id, rid, event.current.version_id)
         link = document_links.c
         patients = {

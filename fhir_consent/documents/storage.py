@@ -15,8 +15,11 @@ Backends:
   transaction that references them commits. A failed transaction can leave an orphan file;
   ``fhir-consent documents gc`` removes those.
 
-Streaming uploads are spooled (as ciphertext, never plaintext) before the short database
-transaction that records them, so a slow client never holds the database's write lock.
+Streaming uploads are sealed as they arrive (ciphertext only, never plaintext at rest): into a
+spool file for ``dir``, straight into ``document_chunks`` for ``db`` — in short transactions of
+their own, behind a provisional blob row without a key (:class:`Spool`). The transaction that
+records the Binary is short either way, so a slow client never holds a database transaction
+or the database's write lock.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from sqlalchemy.engine import Connection
 from fhir_consent.documents.config import DocumentSettings
 from fhir_consent.documents.errors import ContentDestroyed, IntegrityFailure
 from fhir_consent.documents.keys import SEAL_OVERHEAD, SYSTEM_DOMAIN, ContentKey, DataKeyStore
-from fhir_consent.documents.tables import document_blobs, document_chunks
+from fhir_consent.documents.tables import document_blobs, document_chunks, document_versions
 from fhir_consent.store.db import Database
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
 
 _READ_BATCH_BYTES = 4 * 1024 * 1024
 _INSERT_BATCH_BYTES = 8 * 1024 * 1024
+_STREAM_BATCH_BYTES = 2 * 1024 * 1024  # per transaction while an upload streams in
 _IN_BATCH = 500
 Backend = Literal["db", "dir"]
 
@@ -181,54 +185,106 @@ class _DbSink:
             self.pending = 0
 
 
-class Spool:
-    """A streaming upload being sealed into a spool file (ciphertext only).
+class _Batch:
+    """Collects sealed chunks until a batch is worth a database round trip."""
 
-    ``write`` and ``finish`` are synchronous (run them in a worker thread); ``close`` removes
-    whatever is left. Use :meth:`BlobStore.commit_spool` to record it.
+    def __init__(self, blob_id: str) -> None:
+        self.blob_id = blob_id
+        self.rows: list[dict[str, Any]] = []
+        self.pending = 0
+
+    def put(self, index: int, ciphertext: bytes) -> None:
+        self.rows.append({"blob_id": self.blob_id, "seq": index, "data": ciphertext})
+        self.pending += len(ciphertext)
+
+    def take(self, at_least: int) -> list[dict[str, Any]]:
+        if self.pending < at_least or not self.rows:
+            return []
+        rows, self.rows, self.pending = self.rows, [], 0
+        return rows
+
+
+class Spool:
+    """A streaming upload being sealed (ciphertext only, never plaintext at rest).
+
+    * ``dir`` backend: the chunks go to a spool file under ``{blob_dir}/.spool``, moved into
+      place by :meth:`BlobStore.commit_spool`.
+    * ``db`` backend: the chunks go straight into ``document_chunks``, a batch of about
+      ``_STREAM_BATCH_BYTES`` per short transaction of its own, *while the body is still
+      arriving* — behind a provisional ``document_blobs`` row that has no wrapped key (so it
+      can never be read). :meth:`BlobStore.commit_spool` completes that row in the write's
+      transaction; a failed upload is removed by :meth:`BlobStore.discard`, and one a crash
+      interrupted by ``fhir-consent documents gc``. Neither the event loop nor a slow client
+      ever holds a database transaction open.
+
+    ``write``, ``finish`` and ``store`` are synchronous (run them in worker threads): ``write``
+    and ``finish`` hash and seal, returning the chunk rows ready for ``store`` (``db``), which
+    may run concurrently with the next ``write``. ``close`` removes a spool file.
     """
 
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(self, store: BlobStore, content_type: str = "application/octet-stream") -> None:
+        self._blobs = store
         self.blob_id = uuid.uuid4().hex
         self.key = ContentKey.generate(self.blob_id, store.keys.random)
         self.chunk_size = store.chunk_size
-        self.path = store._spool_path(self.blob_id)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._fh: BinaryIO | None = os.fdopen(fd, "wb")
-        self._sealer = _Sealer(self.key, self.chunk_size, _FileSink(self._fh))
+        self.backend: Backend = store.backend
         self.size = 0
         self.sha1 = ""
         self.chunk_count = 0
+        self._fh: BinaryIO | None = None
+        self._batch: _Batch | None = None
+        if self.backend == "dir":
+            self.path: Path | None = store._spool_path(self.blob_id)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._fh = os.fdopen(fd, "wb")
+            self._sealer = _Sealer(self.key, self.chunk_size, _FileSink(self._fh))
+        else:
+            self.path = None
+            self._batch = _Batch(self.blob_id)
+            self._sealer = _Sealer(self.key, self.chunk_size, self._batch)
+            with store.db.write() as conn:
+                store._insert_provisional(conn, self.key, content_type)
 
-    def write(self, data: bytes | memoryview) -> None:
-        """Hash and seal more content (whole chunks go to the spool file)."""
+    def write(self, data: bytes | memoryview) -> list[dict[str, Any]]:
+        """Hash and seal more content; returns chunk rows to :meth:`store` (``db``)."""
         self._sealer.write(data)
+        return self._batch.take(_STREAM_BATCH_BYTES) if self._batch is not None else []
 
     @property
     def written(self) -> int:
         """Content bytes received so far."""
         return self._sealer.size
 
-    def finish(self, *, sync: bool) -> None:
-        """Seal the last chunk and close the file (flushed to disk when ``sync``)."""
+    def finish(self, *, sync: bool) -> list[dict[str, Any]]:
+        """Seal the last chunk; close the spool file (flushed to disk when ``sync``). Returns
+        the remaining chunk rows to :meth:`store` (``db``)."""
         self.size, self.sha1, self.chunk_count = self._sealer.finish()
-        assert self._fh is not None
-        self._fh.flush()
-        if sync:
-            os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
+        if self._fh is not None:
+            self._fh.flush()
+            if sync:
+                os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+        return self._batch.take(0) if self._batch is not None else []
+
+    def store(self, rows: list[dict[str, Any]]) -> None:
+        """Insert sealed chunk rows in a transaction of their own (``db`` backend)."""
+        if rows:
+            with self._blobs.db.write() as conn:
+                conn.execute(document_chunks.insert(), rows)
 
     def close(self) -> None:
         """Close and remove the spool file (a no-op once it was moved into place)."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        self.path.unlink(missing_ok=True)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
     def ciphertexts(self) -> Iterator[tuple[int, bytes]]:
-        """The sealed chunks, in order (to copy them into the database)."""
+        """The sealed chunks of a spool file, in order."""
+        assert self.path is not None
         stride = self.chunk_size + SEAL_OVERHEAD
         with self.path.open("rb") as fh:
             for index in range(self.chunk_count):
@@ -264,6 +320,8 @@ class BlobStore:
         self.backend: Backend = settings.backend
         self.root = settings.resolved_blob_dir()
         self.chunk_size = settings.chunk_size  # directories are created on first write
+        #: Concurrent transactions a streaming 'db' upload stores its batches in.
+        self.write_sessions = 2 if self.backend == "db" and not db.is_sqlite else 1
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -282,9 +340,32 @@ class BlobStore:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def spool(self) -> Spool:
-        """Start a streaming upload."""
-        return Spool(self)
+    def spool(self, content_type: str = "application/octet-stream") -> Spool:
+        """Start a streaming upload (``db``: writes its provisional blob row)."""
+        return Spool(self, content_type)
+
+    def _insert_provisional(self, conn: Connection, key: ContentKey, content_type: str) -> None:
+        """The row chunks of a streaming 'db' upload hang off until it is committed: no key,
+        no owner, so nothing can read it (see :class:`Spool`)."""
+        conn.execute(
+            document_blobs.insert().values(
+                blob_id=key.blob_id,
+                binary_id=None,
+                version_id=None,
+                patient_id=None,
+                data_key_id=None,
+                wrapped_key=None,
+                nonce_prefix=key.nonce_prefix,
+                content_type=content_type[:255],
+                size=0,
+                sha1="",
+                chunk_size=self.chunk_size,
+                chunk_count=0,
+                backend="db",
+                created=self.clock(),
+                shredded=None,
+            )
+        )
 
     def _insert_row(
         self,
@@ -297,8 +378,31 @@ class BlobStore:
         sha1: str,
         chunk_count: int,
     ) -> BlobInfo:
+        values = self._blob_values(
+            conn,
+            key,
+            content_type=content_type,
+            patient_id=patient_id,
+            size=size,
+            sha1=sha1,
+            chunk_count=chunk_count,
+        )
+        conn.execute(document_blobs.insert().values(**values))
+        return BlobInfo(**values)
+
+    def _blob_values(
+        self,
+        conn: Connection,
+        key: ContentKey,
+        *,
+        content_type: str,
+        patient_id: str,
+        size: int,
+        sha1: str,
+        chunk_count: int,
+    ) -> dict[str, Any]:
         data_key = self.keys.for_patient(conn, patient_id)
-        values: dict[str, Any] = {
+        return {
             "blob_id": key.blob_id,
             "binary_id": None,
             "version_id": None,
@@ -315,8 +419,6 @@ class BlobStore:
             "created": self.clock(),
             "shredded": None,
         }
-        conn.execute(document_blobs.insert().values(**values))
-        return BlobInfo(**values)
 
     def store_bytes(
         self, conn: Connection, data: bytes, content_type: str, patient_id: str = SYSTEM_DOMAIN
@@ -368,9 +470,30 @@ class BlobStore:
     def commit_spool(
         self, conn: Connection, spool: Spool, content_type: str, patient_id: str = SYSTEM_DOMAIN
     ) -> BlobInfo:
-        """Record a finished spool inside the caller's transaction (the 'dir' backend moves the
-        file into place; the 'db' backend copies its chunks into rows)."""
-        info = self._insert_row(
+        """Record a finished spool inside the caller's transaction: the 'dir' backend moves
+        the file into place; the 'db' backend, whose chunks are stored already, completes the
+        provisional blob row (wrapped key, owner, size, hash) after checking that every chunk
+        is there."""
+        if spool.backend == "dir":
+            info = self._insert_row(
+                conn,
+                spool.key,
+                content_type=content_type,
+                patient_id=patient_id,
+                size=spool.size,
+                sha1=spool.sha1,
+                chunk_count=spool.chunk_count,
+            )
+            assert spool.path is not None
+            self._place(spool.path, spool.blob_id)
+            return info
+        c = document_chunks.c
+        stored = conn.execute(
+            sa.select(sa.func.count()).where(c.blob_id == spool.blob_id)
+        ).scalar_one()
+        if stored != spool.chunk_count:
+            raise IntegrityFailure(spool.blob_id)
+        values = self._blob_values(
             conn,
             spool.key,
             content_type=content_type,
@@ -379,19 +502,38 @@ class BlobStore:
             sha1=spool.sha1,
             chunk_count=spool.chunk_count,
         )
-        if self.backend == "dir":
-            self._place(spool.path, spool.blob_id)
-        else:
-            sink = _DbSink(conn, spool.blob_id)
-            for index, ciphertext in spool.ciphertexts():
-                sink.put(index, ciphertext)
-            sink.flush()
-        return info
+        b = document_blobs.c
+        done = conn.execute(
+            document_blobs.update()
+            .where(b.blob_id == spool.blob_id, b.wrapped_key.is_(None), b.shredded.is_(None))
+            .values({k: v for k, v in values.items() if k != "blob_id"})
+        )
+        if done.rowcount != 1:
+            raise IntegrityFailure(spool.blob_id)
+        return BlobInfo(**values)
 
     def discard(self, blob_id: str) -> None:
-        """Best-effort removal of a 'dir' blob file whose transaction failed."""
+        """Best-effort removal of what a failed upload left: its 'dir' blob file, or its
+        provisional 'db' blob row and chunks (never a committed blob)."""
         if self.backend == "dir":
             self._file(blob_id).unlink(missing_ok=True)
+            return
+        with self.db.write() as conn:
+            self._drop_provisional(conn, [blob_id])
+
+    def _drop_provisional(self, conn: Connection, blob_ids: Sequence[str]) -> int:
+        b = document_blobs.c
+        provisional = sa.and_(b.wrapped_key.is_(None), b.shredded.is_(None))
+        gone = [
+            r[0]
+            for r in conn.execute(
+                sa.select(b.blob_id).where(b.blob_id.in_(blob_ids), provisional)
+            )
+        ]
+        if gone:
+            conn.execute(document_chunks.delete().where(document_chunks.c.blob_id.in_(gone)))
+            conn.execute(document_blobs.delete().where(b.blob_id.in_(gone), provisional))
+        return len(gone)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -411,28 +553,45 @@ class BlobStore:
             raise ContentDestroyed()
         return data_key.open_content_key(info.blob_id, info.wrapped_key, info.nonce_prefix)
 
-    def reader(self, info: BlobInfo, key: ContentKey) -> BlobReader:
-        """A verified reader of the blob (opens its own read transactions)."""
-        return BlobReader(self, info, key)
+    def version_blob(self, conn: Connection, binary_id: str, version_id: int) -> BlobInfo | None:
+        """The blob holding the content of ``Binary/binary_id`` version ``version_id`` (None:
+        that version has no content)."""
+        v, b = document_versions.c, document_blobs.c
+        row = conn.execute(
+            sa.select(*_BLOB_COLS)
+            .select_from(document_versions.join(document_blobs, b.blob_id == v.blob_id))
+            .where(v.binary_id == binary_id, v.version_id == version_id)
+        ).first()
+        return BlobInfo(*row) if row is not None else None
+
+    def record_version(
+        self, conn: Connection, binary_id: str, version_id: int, blob_id: str
+    ) -> None:
+        """Record that a Binary version's content is ``blob_id`` (in the write's transaction)."""
+        conn.execute(
+            document_versions.insert().values(
+                binary_id=binary_id, version_id=version_id, blob_id=blob_id
+            )
+        )
+
+    def reader(
+        self, info: BlobInfo, key: ContentKey, *, conn: Connection | None = None
+    ) -> BlobReader:
+        """A verified reader of the blob: in ``conn``'s transaction when given, else in read
+        transactions of its own."""
+        return BlobReader(self, info, key, conn)
 
     def _read_ciphertexts(
-        self, info: BlobInfo, first: int, last: int
+        self, info: BlobInfo, first: int, last: int, conn: Connection | None = None
     ) -> Iterator[tuple[int, bytes]]:
         if info.backend == "dir":
             yield from self._read_file(info, first, last)
             return
-        c = document_chunks.c
-        with self.db.read() as conn:
-            if conn.dialect.name == "postgresql":
-                yield from _pg_binary_chunks(conn, info.blob_id, first, last)
-                return
-            rows = conn.execute(
-                sa.select(c.seq, c.data)
-                .where(c.blob_id == info.blob_id, c.seq >= first, c.seq <= last)
-                .order_by(c.seq)
-            )
-            for seq, data in rows:
-                yield int(seq), bytes(data)
+        if conn is not None:
+            yield from _db_chunks(conn, info.blob_id, first, last)
+            return
+        with self.db.read() as own:
+            yield from _db_chunks(own, info.blob_id, first, last)
 
     def _read_file(self, info: BlobInfo, first: int, last: int) -> Iterator[tuple[int, bytes]]:
         stride = info.chunk_size + SEAL_OVERHEAD
@@ -525,8 +684,9 @@ class BlobStore:
         return gone
 
     def gc(self, conn: Connection, *, older_than_s: int = 3600) -> int:
-        """Remove 'dir' files (and stale spool files) no blob row references, older than
-        ``older_than_s`` (left behind by failed transactions or crashes)."""
+        """Remove 'dir' files (and stale spool files) no blob row references, and provisional
+        'db' blobs, older than ``older_than_s`` (left behind by failed transactions or
+        crashes)."""
         cutoff = time.time() - older_than_s
         removed = 0
         uses_dir = self.backend == "dir" or self.settings.blob_dir is not None
@@ -542,6 +702,19 @@ class BlobStore:
         for path in self.root.glob("*/*.blob") if uses_dir else ():
             if path.stat().st_mtime < cutoff:
                 candidates.append(path)
+        b = document_blobs.c
+        stale = [  # 'db' uploads a crash interrupted (see Spool)
+            r[0]
+            for r in conn.execute(
+                sa.select(b.blob_id).where(
+                    b.wrapped_key.is_(None),
+                    b.shredded.is_(None),
+                    b.created < self.clock() - older_than_s * 1_000_000,
+                )
+            )
+        ]
+        for part in _batches(stale, _IN_BATCH):
+            removed += self._drop_provisional(conn, part)
         for part in _batches(candidates, _IN_BATCH):
             ids = [p.stem for p in part]
             known = {
@@ -564,10 +737,13 @@ class BlobReader:
     position and finality checked) before it is returned; any failure is
     :class:`IntegrityFailure`."""
 
-    def __init__(self, store: BlobStore, info: BlobInfo, key: ContentKey) -> None:
+    def __init__(
+        self, store: BlobStore, info: BlobInfo, key: ContentKey, conn: Connection | None = None
+    ) -> None:
         self.store = store
         self.info = info
         self.key = key
+        self.conn = conn
         self.batch = max(1, _READ_BATCH_BYTES // info.chunk_size)
 
     def chunks(self, first: int, last: int) -> list[bytes]:
@@ -575,7 +751,7 @@ class BlobReader:
         info = self.info
         out: list[bytes] = []
         expect = first
-        for index, ciphertext in self.store._read_ciphertexts(info, first, last):
+        for index, ciphertext in self.store._read_ciphertexts(info, first, last, self.conn):
             if index != expect or len(ciphertext) != info.plain_len(index) + SEAL_OVERHEAD:
                 raise IntegrityFailure(info.blob_id, expect)
             out.append(self.key.open(index, index == info.chunk_count - 1, ciphertext))
@@ -596,6 +772,22 @@ class BlobReader:
         """Authenticate chunks ``first..last`` without keeping their plaintext."""
         for a, b in self.spans(first, last):
             self.chunks(a, b)
+
+
+def _db_chunks(
+    conn: Connection, blob_id: str, first: int, last: int
+) -> Iterator[tuple[int, bytes]]:
+    if conn.dialect.name == "postgresql":
+        yield from _pg_binary_chunks(conn, blob_id, first, last)
+        return
+    c = document_chunks.c
+    rows = conn.execute(
+        sa.select(c.seq, c.data)
+        .where(c.blob_id == blob_id, c.seq >= first, c.seq <= last)
+        .order_by(c.seq)
+    )
+    for seq, data in rows:
+        yield int(seq), bytes(data)
 
 
 def _pg_binary_chunks(

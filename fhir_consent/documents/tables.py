@@ -6,6 +6,10 @@
 * ``document_blobs`` — one row per stored content (a Binary version): its content type, size,
   SHA-1 (R4 Attachment.hash), chunking, and its own content key wrapped by the data key.
 * ``document_chunks`` — the encrypted chunks of blobs kept in the database ('db' backend).
+* ``document_versions`` — which blob holds the content of which Binary version. The stored
+  Binary resource is exactly what clients may see (metadata, no ``data``, no pointer), so no
+  generic FHIR path (search, history, bundles, includes) can expose storage internals; a
+  version without a row here has no content.
 * ``document_links`` — which DocumentReference points at which Binary (and for which patient):
   access to a Binary follows the documents that point to it.
 
@@ -18,7 +22,13 @@ import sqlalchemy as sa
 
 from fhir_consent.store.tables import metadata
 
-__all__ = ["document_blobs", "document_chunks", "document_data_keys", "document_links"]
+__all__ = [
+    "document_blobs",
+    "document_chunks",
+    "document_data_keys",
+    "document_links",
+    "document_versions",
+]
 
 _KEY_ID = sa.String(32)
 _RES_ID = sa.String(64)
@@ -77,4 +87,18 @@ document_links = sa.Table(
     sa.Column("binary_id", _RES_ID, primary_key=True),
     sa.Column("patient_id", _RES_ID, nullable=True),
     sa.Index(None, "binary_id"),
+)
+
+document_versions = sa.Table(
+    "document_versions",
+    metadata,
+    sa.Column("binary_id", _RES_ID, primary_key=True),
+    sa.Column("version_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column(
+        "blob_id",
+        _KEY_ID,
+        sa.ForeignKey("document_blobs.blob_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Index(None, "blob_id"),
 )

@@ -1,9 +1,10 @@
 """``install(app, ctx, settings)``: put the document store into a FHIR application.
 
-It registers the Binary/DocumentReference PreWrite hook and WriteListener on the
-:class:`~fhir_consent.fhir.routes.FHIRContext`, the Binary routes *ahead of* the generic FHIR
-routes (whatever order the routers were included in), the upload body limits, and exposes the
-:class:`~fhir_consent.documents.routes.Documents` object as ``app.state.documents``.
+It registers the Binary/DocumentReference PreWrite hook, WriteListener and Binary
+PatchSource on the :class:`~fhir_consent.fhir.routes.FHIRContext`, the Binary routes *ahead
+of* the generic FHIR routes (whatever order the routers were included in), the upload body
+limits, and exposes the :class:`~fhir_consent.documents.routes.Documents` object as
+``app.state.documents``.
 """
 
 from __future__ import annotations
@@ -75,9 +76,11 @@ def install(
         lambda conn: ctx.service(conn),
         base_url=ctx.settings.public_base_url,
         max_content_bytes=settings.max_upload_bytes,
+        max_patch_bytes=settings.max_json_upload_bytes,
     )
     ctx.prewrites.append(hooks.prewrite)
     ctx.listeners.append(hooks.listener)
+    ctx.patch_sources.append(hooks.patch_source)
 
     routes = app.router.routes
     before = len(routes)
@@ -119,6 +122,7 @@ def uninstall(app: Any) -> None:
     ctx, hooks = documents.fhir, documents.hooks
     ctx.prewrites[:] = [h for h in ctx.prewrites if h != hooks.prewrite]
     ctx.listeners[:] = [h for h in ctx.listeners if h != hooks.listener]
+    ctx.patch_sources[:] = [h for h in ctx.patch_sources if h != hooks.patch_source]
     routes, rules = documents.installed
     app.router.routes[:] = [r for r in app.router.routes if all(r is not o for o in routes)]
     remove_limit_rules(app, rules)

@@ -43,6 +43,7 @@ from fhir_consent.fhir.query import parse_search
 from fhir_consent.fhir.searching import everything, execute_search, raw_bundle
 from fhir_consent.fhir.services import (
     Clock,
+    PatchSource,
     PreWrite,
     ResourceService,
     WriteListener,
@@ -100,6 +101,7 @@ class FHIRContext:
     listeners: list[WriteListener] = field(default_factory=list)
     capability_extenders: list[CapabilityExtender] = field(default_factory=list)
     prewrites: list[PreWrite] = field(default_factory=list)
+    patch_sources: list[PatchSource] = field(default_factory=list)
     authenticate: Authenticator = field(default_factory=open_authenticator)
     token_check: TokenCheck | None = None
     consent: ConsentEnforcer | None = None
@@ -137,7 +139,12 @@ class FHIRContext:
 
     def service(self, conn: Any, guard: Visibility | None = None) -> ResourceService:
         return ResourceService(
-            conn, clock=self.clock, listeners=self.listeners, guard=guard, prewrites=self.prewrites
+            conn,
+            clock=self.clock,
+            listeners=self.listeners,
+            guard=guard,
+            prewrites=self.prewrites,
+            patch_sources=self.patch_sources,
         )
 
 

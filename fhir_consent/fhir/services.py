@@ -37,6 +37,7 @@ from fhir_consent.store.search import run_search
 __all__ = [
     "AccessGuard",
     "Clock",
+    "PatchSource",
     "PreWrite",
     "ResourceService",
     "WriteEvent",
@@ -88,6 +89,16 @@ class PreWrite(Protocol):
     ) -> dict[str, Any]: ...
 
 
+class PatchSource(Protocol):
+    """The form of the current version a JSON Patch applies to, for a type whose stored form
+    is not what clients read (Binary: the content lives outside the resource). None: this
+    hook does not apply, patch the stored form."""
+
+    def __call__(
+        self, service: ResourceService, row: CurrentRow, operations: list[Any]
+    ) -> dict[str, Any] | None: ...
+
+
 class AccessGuard(Protocol):
     """What the caller may see and write (see :mod:`fhir_consent.fhir.visibility`)."""
 
@@ -124,6 +135,7 @@ class ResourceService:
         listeners: Sequence[WriteListener] = (),
         guard: AccessGuard | None = None,
         prewrites: Sequence[PreWrite] = (),
+        patch_sources: Sequence[PatchSource] = (),
     ) -> None:
         self.conn = conn
         self.repo = Repository(conn)
@@ -131,6 +143,7 @@ class ResourceService:
         self.listeners = tuple(listeners)
         self.guard = guard
         self.prewrites = tuple(prewrites)
+        self.patch_sources = tuple(patch_sources)
 
     def _prewrite(
         self, res_type: str, resource: dict[str, Any], previous: CurrentRow | None
@@ -272,7 +285,13 @@ class ResourceService:
                 "If-Match does not match the current version", headers=_etag_headers(current)
             )
         assert current.content is not None
-        doc = orjson.loads(current.content)
+        doc = None
+        for source in self.patch_sources:
+            doc = source(self, current, operations)
+            if doc is not None:
+                break
+        if doc is None:
+            doc = orjson.loads(current.content)
         try:
             patched = jsonpatch.JsonPatch(operations).apply(doc)
         except jsonpatch.JsonPatchTestFailed:

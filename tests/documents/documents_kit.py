@@ -1,13 +1,16 @@
-"""Shared helpers of the document tests: an app with the document store (and the ledger)
-installed, a
-switchable caller (injected authenticator, as tests/fhir/test_visibility.py does), sample PDF
-and CDA content, and a dump of every byte the store keeps at rest."""
+"""Shared helpers of the document tests: the whole server (``fhir_consent.app:create_app``:
+consent, audit, ledger, documents, web) — or, for the document layer's own defaults, the core
+app with just the ledger and the document store — with a switchable caller (injected
+authenticator, as tests/fhir/test_visibility.py does), sample PDF and CDA content, and a dump
+of every byte the store keeps at rest."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,29 +19,32 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from conftest import FHIR_JSON
+import uvicorn
+from conftest import FHIR_JSON, free_port
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
-from fhir_consent.app import create_core_app
+from fhir_consent.app import create_app, create_core_app
 from fhir_consent.auth import AccessContext
 from fhir_consent.config import Settings
+from fhir_consent.consent.enforcement import PurposeOfUse
 from fhir_consent.documents import Documents, DocumentSettings, DownloadEvent, install
-from fhir_consent.documents.tables import document_blobs, document_chunks, document_data_keys
 from fhir_consent.ledger.api import install as install_ledger
 from fhir_consent.ledger.config import LedgerSettings
-from fhir_consent.store.tables import resource_versions, resources
+from fhir_consent.store.tables import metadata
 from smart_on_fhir.scopes import parse_scopes
 
 __all__ = [
     "FHIR_JSON",
     "Caller",
     "DocEnv",
+    "LiveServer",
     "at_rest",
     "b64",
     "cda_bytes",
     "doc_settings",
     "document",
+    "inquiry",
     "make_env",
     "marker",
     "pdf_bytes",
@@ -101,20 +107,44 @@ def doc_settings(tmp_path: Path, backend: str, **overrides: Any) -> DocumentSett
 
 @contextmanager
 def make_env(
-    settings: Settings, documents: DocumentSettings, tmp_path: Path, **client_kw: Any
+    settings: Settings,
+    documents: DocumentSettings,
+    tmp_path: Path,
+    *,
+    whole: bool = True,
+    **client_kw: Any,
 ) -> Iterator[DocEnv]:
+    """``whole``: the server's own app (every layer, as ``fhir-consent serve`` runs it; the
+    download audit goes to the server's audit trail *and* to ``DocEnv.audit``). Otherwise the
+    core app with the ledger and the document store's default access and audit hooks."""
     settings = settings.model_copy(update={"smart_keys_dir": str(tmp_path / "smart")})
-    app = create_core_app(settings)
-    caller = Caller()
-    app.state.fhir.authenticate = caller
     ledger = LedgerSettings(  # every DocumentReference version gets its entry (issue 6)
         _env_file=None,  # type: ignore[call-arg]
         keys_dir=str(tmp_path / "ledger-keys"),
         origin=LEDGER_ORIGIN,
     )
-    install_ledger(app, app.state.fhir, ledger)
+    caller = Caller()
     events: list[DownloadEvent] = []
-    docs = install(app, app.state.fhir, documents, audit=events.append, replace=True)
+    if whole:
+        app = create_app(settings, ledger=ledger, documents=documents)
+        app.state.fhir.authenticate = PurposeOfUse(caller)  # as install_layers wraps it
+        docs: Documents = app.state.documents
+        server_audit = docs.audit
+
+        def tee(event: DownloadEvent) -> None:
+            events.append(event)
+            server_audit(event)
+
+        docs.audit = tee
+    else:
+        app = create_core_app(settings)
+        app.state.fhir.authenticate = caller
+        install_ledger(app, app.state.fhir, ledger)
+
+        def record(event: DownloadEvent) -> None:
+            events.append(event)
+
+        docs = install(app, app.state.fhir, documents, audit=record, replace=True)
     with TestClient(app, base_url="https://testserver", **client_kw) as client:
         yield DocEnv(client, caller, docs, events)
 
@@ -160,24 +190,110 @@ def document(pid: str, data: bytes | None = None, **attachment: Any) -> dict[str
 
 
 def at_rest(docs: Documents) -> bytes:
-    """Every byte the server keeps: resource rows, key rows, blob rows and chunks, blob and
-    spool files (concatenated; tests search it for plaintext)."""
+    """Every byte the server keeps: every column of every table (resources and their versions,
+    audit events, ledger entries, keys, blobs, chunks), blob and spool files, and — for
+    SQLite — the database and WAL files themselves (concatenated; tests search it for
+    plaintext)."""
     parts: list[bytes] = []
-    with docs.fhir.db.read() as conn:
-        for table, cols in (
-            (resources, (resources.c.content,)),
-            (resource_versions, (resource_versions.c.content,)),
-            (document_chunks, (document_chunks.c.data,)),
-            (document_data_keys, (document_data_keys.c.wrapped,)),
-            (document_blobs, (document_blobs.c.wrapped_key, document_blobs.c.sha1)),
-        ):
-            for row in conn.execute(sa.select(*cols).select_from(table)):
+    db = docs.fhir.db
+    with db.read() as conn:
+        for table in metadata.sorted_tables:
+            for row in conn.execute(sa.select(table)):
                 for value in row:
-                    if value is not None:
-                        parts.append(value if isinstance(value, bytes) else str(value).encode())
+                    if isinstance(value, bytes | bytearray | memoryview):
+                        parts.append(bytes(value))
+                    elif value is not None and not isinstance(value, int | float | bool):
+                        parts.append(str(value).encode())
+    if db.is_sqlite:
+        path = Path(sa.engine.make_url(db.url).database or "")
+        for f in (path, path.with_name(path.name + "-wal")):
+            if f.is_file():
+                parts.append(f.read_bytes())
     for root in (docs.settings.blob_dir, docs.settings.spool_dir):
         if root is not None and root.exists():
-            for path in root.rglob("*"):
-                if path.is_file():
-                    parts.append(path.read_bytes())
+            for file in root.rglob("*"):
+                if file.is_file():
+                    parts.append(file.read_bytes())
     return b"\x00".join(parts)
+
+
+class LiveServer:
+    """The app served by uvicorn on a loopback port, in this process (real HTTP; the app's
+    lifespan is run by the TestClient the caller holds)."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}")
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/fhir"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+def inquiry(patient: str, recipients: list[str]) -> dict[str, Any]:
+    """A clinic's inquiry (consent.md §2.1): a proposed OPTOUT Consent whose one provision
+    names the clinic as recipient of access."""
+    return {
+        "resourceType": "Consent",
+        "status": "proposed",
+        "scope": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                    "code": "patient-privacy",
+                }
+            ]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": patient},
+        "dateTime": "2015-06-01",
+        "policyRule": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}
+            ]
+        },
+        "provision": {
+            "period": {"start": "2015-01-01", "end": "2030-12-31"},
+            "actor": [
+                {
+                    "role": {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                "code": "PRCP",
+                            }
+                        ]
+                    },
+                    "reference": {"reference": ref},
+                }
+                for ref in recipients
+            ],
+            "action": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/consentaction",
+                            "code": "access",
+                        }
+                    ]
+                }
+            ],
+        },
+    }

@@ -177,11 +177,16 @@ def test_generic_reads_never_carry_content_or_allow_forged_blobs(env: DocEnv) ->
     content = pdf_bytes(marker())
     doc = env.post_json("DocumentReference", document(pid, content))
     bid = binary_ref(doc).split("/")[1]
-    # The search result (generic route) holds metadata only.
+    # The search result (generic route) holds metadata only: no content, no storage pointer.
     found = env.client.get(f"/fhir/Binary?_id={bid}", headers=FHIR_JSON).json()
     stored = found["entry"][0]["resource"]
-    assert "data" not in stored
-    blob_id = next(e["valueId"] for e in stored["meta"]["extension"] if e["url"] == BLOB_EXTENSION)
+    assert "data" not in stored and "extension" not in stored.get("meta", {})
+    # The blob id never reaches a client; take it from the database (a leaked id, say).
+    with env.docs.fhir.db.read() as conn:
+        blob_id = conn.execute(
+            sa.select(document_blobs.c.blob_id).where(document_blobs.c.binary_id == bid)
+        ).scalar_one()
+    assert blob_id not in orjson.dumps(found).decode()
     # Type and instance history stay with the generic routes (metadata only).
     for path in ("Binary/_history", f"Binary/{bid}/_history"):
         r = env.client.get(f"/fhir/{path}", headers=FHIR_JSON)
@@ -230,7 +235,18 @@ def test_attachment_size_and_hash_are_checked(env: DocEnv) -> None:
 # -- access ---------------------------------------------------------------------------------
 
 
-def test_access_follows_the_documents_pointing_to_the_binary(env: DocEnv) -> None:
+@pytest.mark.parametrize("backend", ["db", "dir"])
+def test_access_follows_the_documents_pointing_to_the_binary(
+    settings: Settings, tmp_path: Path, backend: str
+) -> None:
+    """The document layer's default access rule (scopes and the patient compartment, no
+    consents): the core app with only the ledger and the document store installed. The whole
+    server adds consent on top: tests/documents/test_documents_server.py."""
+    with make_env(settings, doc_settings(tmp_path, backend), tmp_path, whole=False) as env:
+        _access_follows_the_documents(env)
+
+
+def _access_follows_the_documents(env: DocEnv) -> None:
     caller = env.caller
     p1, p2 = env.patient(), env.patient()
     content = pdf_bytes(marker())

@@ -333,3 +333,51 @@ def test_master_key_rotation_keeps_content_readable(env: DocEnv) -> None:
     # new uploads after the rotation use the new key
     other = upload(env, b"%PDF new", env.patient())
     assert env.client.get(f"/fhir/Binary/{other}", headers={"accept": "*/*"}).content == b"%PDF new"
+
+
+# -- streaming 'db' uploads --------------------------------------------------------------------
+
+
+def test_a_db_upload_is_unreadable_until_committed_and_gc_removes_abandoned_ones(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """'db' uploads store their chunks while the body arrives, behind a provisional blob row
+    with no key: nothing can read it, a commit checks every chunk is there, and one a crash
+    abandoned is removed by gc (not while it may still be running)."""
+    from fhir_consent.documents.errors import IntegrityFailure
+
+    with make_env(settings, doc_settings(tmp_path, "db"), tmp_path) as env:
+        store, db = env.docs.store, env.docs.fhir.db
+        content = pdf_bytes(marker(), 3 * 4096 + 10)
+        spool = store.spool("application/pdf")
+        rows = spool.write(content) + spool.finish(sync=False)
+        assert [r["seq"] for r in rows] == [0, 1, 2, 3]
+        spool.store(rows[:2])
+        with db.read() as conn:
+            info = store.info(conn, spool.blob_id)
+            assert info is not None and info.wrapped_key is None and info.size == 0
+            with pytest.raises(ContentDestroyed):
+                store.content_key(conn, info)
+        with pytest.raises(IntegrityFailure), db.write() as conn:  # chunks 2 and 3 missing
+            store.commit_spool(conn, spool, "application/pdf")
+        with db.write() as conn:
+            assert store.gc(conn) == 0  # an hour old at least: it may still be arriving
+        with db.write() as conn:
+            assert store.gc(conn, older_than_s=0) == 1
+        with db.read() as conn:
+            assert store.info(conn, spool.blob_id) is None
+            left = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(document_chunks)
+                .where(document_chunks.c.blob_id == spool.blob_id)
+            ).scalar_one()
+            assert left == 0
+        # a complete one commits, and reads back
+        spool = store.spool("application/pdf")
+        spool.store(spool.write(content))
+        spool.store(spool.finish(sync=False))
+        with db.write() as conn:
+            info = store.commit_spool(conn, spool, "application/pdf")
+        with db.read() as conn:
+            key = store.content_key(conn, info)
+        assert b"".join(store.reader(info, key).chunks(0, info.chunk_count - 1)) == content

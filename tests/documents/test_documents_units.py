@@ -212,9 +212,11 @@ def test_install_is_lazy_and_replaceable(tmp_path: Path) -> None:
     assert second is not first and app.state.documents is second
     assert first.hooks.prewrite not in ctx.prewrites and second.hooks.prewrite in ctx.prewrites
     assert len(ctx.listeners) == 1 and len(app.router.routes) == routes + len(ours)
+    assert ctx.patch_sources == [second.hooks.patch_source]
     uninstall(app)
     assert app.state.documents is None and len(app.router.routes) == routes
     assert ctx.prewrites == [] and ctx.listeners == [] and app.state.body_limit_rules == []
+    assert ctx.patch_sources == []
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096, 3 * 4096 + 17])
