@@ -22,12 +22,14 @@ transaction that records them, so a slow client never holds the database's write
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import os
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
@@ -36,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from fhir_consent.documents.config import DocumentSettings
-from fhir_consent.documents.errors import ContentDestroyed, IntegrityFailure
+from fhir_consent.documents.errors import ContentDestroyed, IntegrityFailure, StorageFull
 from fhir_consent.documents.keys import SEAL_OVERHEAD, SYSTEM_DOMAIN, ContentKey, DataKeyStore
 from fhir_consent.documents.tables import document_blobs, document_chunks
 from fhir_consent.store.db import Database
@@ -53,6 +55,19 @@ _READ_BATCH_BYTES = 4 * 1024 * 1024
 _INSERT_BATCH_BYTES = 8 * 1024 * 1024
 _IN_BATCH = 500
 Backend = Literal["db", "dir"]
+_FULL = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT"}
+
+
+@contextmanager
+def _space() -> Iterator[None]:
+    """Turn 'no space left' / 'quota exceeded' while writing content into :class:`StorageFull`
+    (every other OSError stays what it is)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise StorageFull(_FULL[exc.errno]) from None
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +208,9 @@ class Spool:
         self.key = ContentKey.generate(self.blob_id, store.keys.random)
         self.chunk_size = store.chunk_size
         self.path = store._spool_path(self.blob_id)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with _space():
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._fh: BinaryIO | None = os.fdopen(fd, "wb")
         self._sealer = _Sealer(self.key, self.chunk_size, _FileSink(self._fh))
         self.size = 0
@@ -203,7 +219,8 @@ class Spool:
 
     def write(self, data: bytes | memoryview) -> None:
         """Hash and seal more content (whole chunks go to the spool file)."""
-        self._sealer.write(data)
+        with _space():
+            self._sealer.write(data)
 
     @property
     def written(self) -> int:
@@ -212,11 +229,12 @@ class Spool:
 
     def finish(self, *, sync: bool) -> None:
         """Seal the last chunk and close the file (flushed to disk when ``sync``)."""
-        self.size, self.sha1, self.chunk_count = self._sealer.finish()
         assert self._fh is not None
-        self._fh.flush()
-        if sync:
-            os.fsync(self._fh.fileno())
+        with _space():
+            self.size, self.sha1, self.chunk_count = self._sealer.finish()
+            self._fh.flush()
+            if sync:
+                os.fsync(self._fh.fileno())
         self._fh.close()
         self._fh = None
 
@@ -345,23 +363,29 @@ class BlobStore:
             sink.flush()
             return info
         tmp = self._spool_path(blob_id)
-        tmp.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                sealer = _Sealer(key, self.chunk_size, _FileSink(fh))
-                sealer.write(view)
-                sealer.finish()
-                fh.flush()
-                os.fsync(fh.fileno())
+            with _space():
+                self._write_file(tmp, key, view)
             self._place(tmp, blob_id)
         finally:
             tmp.unlink(missing_ok=True)
         return info
 
+    def _write_file(self, tmp: Path, key: ContentKey, view: memoryview) -> None:
+        """Seal ``view`` into the new file ``tmp``, flushed to disk."""
+        tmp.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            sealer = _Sealer(key, self.chunk_size, _FileSink(fh))
+            sealer.write(view)
+            sealer.finish()
+            fh.flush()
+            os.fsync(fh.fileno())
+
     def _place(self, tmp: Path, blob_id: str) -> None:
         final = self._file(blob_id)
-        final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with _space():  # a new fan-out directory needs a block too
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
 
