@@ -73,14 +73,18 @@ def wait_for(check: Callable[[], Any], timeout: float = 30, interval: float = 0.
 
 
 def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc)."""
+    """The uvicorn worker processes of supervisor ``pid`` (its children that run
+    multiprocessing's spawn entry point, not its resource tracker), from /proc."""
     out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            out += [int(p) for p in (task / "children").read_text().split()]
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-    return out
+        if int(fields[1]) == pid and fields[0] != "Z" and b"multiprocessing.spawn" in cmdline:
+            out.append(int(stat.parent.name))
+    return sorted(out)
 
 
 def base_env(**settings: str) -> dict[str, str]:

@@ -49,7 +49,6 @@ def test_postgres_restart_during_load(cluster: PrivatePostgres, tmp_path: Path) 
         FHIR_CONSENT_DB_POOL_SIZE="4",
     )
     server = Server(tmp_path, env, workers=2)
-    server.start()
     work = Workload(server.base)
     reads: dict[str, int] = {"ok": 0, "503": 0, "other": 0}
     outage_answers: list[httpx.Response] = []
@@ -76,6 +75,7 @@ def test_postgres_restart_during_load(cluster: PrivatePostgres, tmp_path: Path) 
 
     threads = [threading.Thread(target=reader, daemon=True)]
     try:
+        server.start()
         work.start(clients=4)
         threads[0].start()
         wait_for(lambda: work.count() >= 60, timeout=90)
