@@ -500,7 +500,7 @@ async def _receive(request: Request, docs: Documents) -> Spool:
                     if pieces:
                         await send.send(b"".join(pieces))
                 except Exception as exc:  # too large, client gone: stop sealing too
-                    failure = exc
+                    failure = failure or exc  # the sealer's own failure (disk full) comes first
                     tg.cancel_scope.cancel()
         if failure is not None:
             raise failure
