@@ -1,12 +1,12 @@
 """Fault: the blob directory's file system fills up (issue 8 §4).
 
-The blob directory is a real 4 MiB tmpfs mounted for the test (as root, or inside a user
-and mount namespace otherwise; skipped only where neither is allowed). A server process
-stores documents there; the file system is then filled to the last block. Uploads — raw
-Binary, Binary JSON, DocumentReference with inline data — answer 507 OperationOutcome (not
-500), leave no row and no file behind (no DocumentReference or Binary pointing at missing
-content), reads and searches keep working, the server logs what happened, and the same
-uploads succeed once space is freed.
+The blob directory is a real 4 MiB tmpfs mounted for the test (mounting needs root, which
+the developers' machines and CI have; the test is skipped where ``mount`` is refused). A
+server process stores documents there; the file system is then filled to the last block.
+Uploads — raw Binary, Binary JSON, a Binary update, DocumentReference with inline data —
+answer 507 OperationOutcome (not 500), leave no row and no file behind (no DocumentReference
+or Binary pointing at missing content), reads and searches keep working, the server logs
+what happened, and the same uploads succeed once space is freed.
 """
 
 from __future__ import annotations
