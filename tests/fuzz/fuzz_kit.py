@@ -6,6 +6,7 @@ A plain module rather than a ``conftest.py`` (other test folders import ``confte
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from fhir_consent.store.tables import metadata
 
 __all__ = [
     "BASE",
+    "EXAMPLES",
     "FHIR_JSON",
     "NASTY_STRINGS",
     "assert_fhir_error",
@@ -33,6 +35,8 @@ __all__ = [
 ]
 
 BASE = "https://testserver"
+#: Examples per hypothesis test: a fixed CI budget; FHIR_CONSENT_FUZZ_EXAMPLES=1000 for a deep run.
+EXAMPLES = int(os.environ.get("FHIR_CONSENT_FUZZ_EXAMPLES", "40"))
 FHIR_JSON = {"content-type": "application/fhir+json", "accept": "application/fhir+json"}
 
 #: Strings that break naive code: SQL and LIKE metacharacters, path traversal, format strings,

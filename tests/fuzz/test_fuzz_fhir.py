@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from fuzz_kit import (
     BASE,
+    EXAMPLES,
     FHIR_JSON,
     NASTY_STRINGS,
     assert_fhir_error,
@@ -38,7 +39,7 @@ from fhir_consent.fhir import searchparams as sp
 from fhir_consent.fhir.validation import MAX_JSON_DEPTH, SUPPORTED_TYPES
 
 FUZZ = settings(
-    max_examples=40,
+    max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -63,6 +64,11 @@ class Fuzz:
                 assert now == self.counts, (r.status_code, _diff(self.counts, now))
             self.counts = now
         return r if body == {} else r
+
+
+def _dumps(value: Any) -> bytes:
+    """JSON with integers of any size (orjson stops at 64 bits; clients need not)."""
+    return json.dumps(value).encode()
 
 
 def _diff(before: dict[str, int], after: dict[str, int]) -> dict[str, tuple[int, int]]:
@@ -338,16 +344,16 @@ def test_wrong_types_are_400_not_500(
 ) -> None:
     resource: dict[str, Any] = {"resourceType": rtype, field: value}
     if how == "create":
-        fuzz.send("POST", f"/fhir/{rtype}", content=orjson.dumps(resource), headers=FHIR_JSON)
+        fuzz.send("POST", f"/fhir/{rtype}", content=_dumps(resource), headers=FHIR_JSON)
     elif how == "update":
         resource.setdefault("id", "w1")
         rid = resource["id"] if isinstance(resource["id"], str) and resource["id"] else "w1"
         path = f"/fhir/{rtype}/{quote(rid, safe='')}"
-        fuzz.send("PUT", path, content=orjson.dumps(resource), headers=FHIR_JSON)
+        fuzz.send("PUT", path, content=_dumps(resource), headers=FHIR_JSON)
     else:
         entry = {"request": {"method": "POST", "url": rtype}, "resource": resource}
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
-        fuzz.send("POST", "/fhir", content=orjson.dumps(bundle), headers=FHIR_JSON)
+        fuzz.send("POST", "/fhir", content=_dumps(bundle), headers=FHIR_JSON)
 
 
 @FUZZ
@@ -386,7 +392,7 @@ def test_wrong_types_are_400_not_500(
     )
 )
 def test_odd_bundles_are_400_not_500(fuzz: Fuzz, bundle: dict[str, Any]) -> None:
-    fuzz.send("POST", "/fhir", content=orjson.dumps(bundle), headers=FHIR_JSON)
+    fuzz.send("POST", "/fhir", content=_dumps(bundle), headers=FHIR_JSON)
 
 
 # -- injection in search parameters and ids --------------------------------------------------

@@ -19,7 +19,14 @@ import orjson
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
-from fuzz_kit import BASE, NASTY_STRINGS, assert_fhir_error, assert_no_leak, assert_oauth_error
+from fuzz_kit import (
+    BASE,
+    EXAMPLES,
+    NASTY_STRINGS,
+    assert_fhir_error,
+    assert_no_leak,
+    assert_oauth_error,
+)
 from fuzz_kit import full_app as _full_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,7 +36,7 @@ from smart_on_fhir.keys import KeySet
 from smart_on_fhir.tables import metadata as smart_metadata
 
 FUZZ = settings(
-    max_examples=40,
+    max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
