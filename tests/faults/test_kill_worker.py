@@ -34,6 +34,10 @@ from faults_kit import (
 
 from fhir_consent.store.tables import metadata
 
+#: Slow by nature (~30 s): a real two-worker server, a ledger node and four clients through
+#: four kills; the property is only worth checking under sustained concurrent writes.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def pg_db(pg_url: str | None) -> Iterator[str]:

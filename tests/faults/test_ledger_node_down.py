@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from faults_kit import (
     WAVES_KEY,
@@ -34,6 +35,10 @@ from faults_kit import (
 )
 
 from fhir_consent.ledger.engines.waves import WavesEngine
+
+#: Slow by nature (~35 s per database): a 12 s outage spanning many relay back-off cycles,
+#: then the drain of the backlog it built up.
+pytestmark = pytest.mark.slow
 
 OUTAGE_S = float(os.environ.get("FHIR_CONSENT_FAULT_OUTAGE_S", "12"))
 ORIGIN = "faults.example/ledger"

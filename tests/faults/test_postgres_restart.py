@@ -28,6 +28,9 @@ from faults_kit import (
     wait_for,
 )
 
+#: Slow by nature (~20 s): initdb of a private cluster, load, a 4 s outage and recovery.
+pytestmark = pytest.mark.slow
+
 DOWN_SECONDS = 4
 
 
