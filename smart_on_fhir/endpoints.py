@@ -266,8 +266,17 @@ class SmartRegistrationEndpoint(ClientRegistrationEndpoint):  # type: ignore[mis
                 if kind is not None and kind is not list and not isinstance(value, kind):
                     raise InvalidClientMetadataError(f"{name} has the wrong JSON type.")
                 if _has_nul(value):  # PostgreSQL cannot store U+0000
-                    raise InvalidClientMetadataError(f"{name} contains a NUL character.")
-        metadata: dict[str, Any] = super().extract_client_metadata(request)
+                    raise InvalidClientMetadataError("A metadata value contains a NUL character.")
+            jwks = data.get("jwks")
+            keys = jwks.get("keys") if isinstance(jwks, dict) else None
+            if jwks is not None and not (
+                isinstance(keys, list) and all(isinstance(k, dict) for k in keys)
+            ):
+                raise InvalidClientMetadataError("jwks must be a JWK Set with a 'keys' array.")
+        try:
+            metadata: dict[str, Any] = super().extract_client_metadata(request)
+        except (KeyError, TypeError, ValueError):  # a claim check choked on a malformed value
+            raise InvalidClientMetadataError("The client metadata is malformed.") from None
         return metadata
 
     def get_server_metadata(self) -> dict[str, Any]:

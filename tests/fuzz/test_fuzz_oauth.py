@@ -298,3 +298,25 @@ def test_registration_nesting_and_nul(oauth: OAuth) -> None:
         assert_oauth_error(r)
         assert r.status_code == 400
     oauth.unchanged()
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"jwks": {}},
+        {"jwks": {"keys": "x"}},
+        {"jwks": {"keys": [1]}},
+        {"jwks": {"keys": [{"kty": "RSA"}]}},
+        {"redirect_uris": ["https://x.example/cb"], '\x00"bad': "\x00"},
+        {"redirect_uris": ["https://x.example/cb"], "client_name": '"\\\x07'},
+    ],
+)
+def test_malformed_registration_metadata(oauth: OAuth, metadata: dict[str, Any]) -> None:
+    """Found by a deep run: a ``jwks`` without ``keys`` crashed joserfc (KeyError)."""
+    r = oauth.client.post(
+        "/auth/register",
+        content=orjson.dumps(metadata),
+        headers={"content-type": "application/json"},
+    )
+    assert_oauth_error(r)
+    assert r.status_code in (201, 400)
