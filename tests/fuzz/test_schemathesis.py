@@ -11,6 +11,7 @@ fixed so that both documents together stay well under a minute per database.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from fuzz_kit import (
 from hypothesis import HealthCheck, settings
 
 BUDGET = settings(
-    max_examples=8,
+    max_examples=int(os.environ.get("FHIR_CONSENT_SCHEMATHESIS_EXAMPLES", "8")),
     deadline=None,
     suppress_health_check=list(HealthCheck),
     database=None,  # a fixed budget: no replay of earlier runs' examples
