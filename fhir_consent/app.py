@@ -33,6 +33,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy.exc as sa_exc
 from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -334,6 +335,35 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(_request: Request, _exc: RequestValidationError) -> Response:
         return fhir_response(operation_outcome([Issue("Invalid request", "invalid")]), 400)
 
+    auth_prefix = (app.state.fhir.settings.smart_auth_path.rstrip("/") or "/auth") + "/"
+
+    async def database_error(request: Request, exc: Exception) -> Response:
+        """A database that is down or restarting is a 503 with Retry-After (the next request
+        reconnects: the pool pings connections before use); anything else is a 500."""
+        if not database_unavailable(exc):
+            return await internal_error(request, exc)
+        orig = getattr(exc, "orig", None)
+        code = getattr(orig, "sqlstate", None)
+        log.warning(
+            "database unavailable (%s%s) on %s %s: answered 503",
+            type(orig if orig is not None else exc).__name__,
+            f" sqlstate {code}" if code else "",
+            request.method,
+            request.url.path,
+        )
+        headers = {"Retry-After": "2"}
+        if request.url.path.startswith(auth_prefix):  # RFC 6749 §4.1.2.1 error code
+            body = {
+                "error": "temporarily_unavailable",
+                "error_description": "The server cannot reach its database; try again.",
+            }
+            return JSONResponse(body, 503, {**headers, "Cache-Control": "no-store"})
+        issue = Issue("The database is unavailable; try again shortly", "transient")
+        return fhir_response(operation_outcome([issue]), 503, headers)
+
+    app.add_exception_handler(sa_exc.DBAPIError, database_error)
+    app.add_exception_handler(sa_exc.TimeoutError, database_error)
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         # Log the type and where, never the message: library messages can carry input values;
@@ -352,3 +382,31 @@ def _install_error_handlers(app: FastAPI) -> None:
         return fhir_response(
             operation_outcome([Issue("Internal server error", "exception", "fatal")]), 500
         )
+
+
+#: PostgreSQL SQLSTATE classes and codes of a database that is down, restarting or
+#: overloaded (PostgreSQL Appendix A): connection exceptions, insufficient resources, operator
+#: intervention (admin/crash shutdown, cannot connect now), serialization failure, deadlock.
+_TRANSIENT_CLASSES = ("08", "53", "57")
+_TRANSIENT_CODES = ("40001", "40P01")
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether a SQLAlchemy error means the database is (momentarily) out of reach rather
+    than a bug or bad data: worth a 503 and a retry."""
+    if isinstance(exc, sa_exc.TimeoutError):  # no pooled connection came free in time
+        return True
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None)
+    if type(orig).__module__.startswith("sqlite3"):
+        text = str(orig).lower()
+        return "locked" in text or "busy" in text
+    if code:
+        return code[:2] in _TRANSIENT_CLASSES or code in _TRANSIENT_CODES
+    # psycopg raises OperationalError without a SQLSTATE when it cannot connect at all, and
+    # InterfaceError when the connection was closed under it
+    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)

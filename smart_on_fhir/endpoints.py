@@ -201,6 +201,41 @@ _DEFAULT_APP_SCOPE: Final = (
 )
 
 
+#: JSON types of the RFC 7591 §2 client metadata members (``list``: an array of strings).
+_METADATA_TYPES: Final[dict[str, type]] = {
+    "redirect_uris": list,
+    "grant_types": list,
+    "response_types": list,
+    "contacts": list,
+    "token_endpoint_auth_method": str,
+    "client_name": str,
+    "client_uri": str,
+    "logo_uri": str,
+    "scope": str,
+    "tos_uri": str,
+    "policy_uri": str,
+    "jwks_uri": str,
+    "jwks": dict,
+    "software_id": str,
+    "software_version": str,
+    "software_statement": str,
+}
+
+
+def _has_nul(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str) and "\x00" in item:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 class SmartRegistrationEndpoint(ClientRegistrationEndpoint):  # type: ignore[misc]
     """RFC 7591 dynamic registration of SMART apps (not backend services)."""
 
@@ -216,6 +251,33 @@ class SmartRegistrationEndpoint(ClientRegistrationEndpoint):  # type: ignore[mis
         if not hmac.compare_digest(presented.encode(), self._initial_token.encode()):
             raise _InvalidInitialToken()
         return True
+
+    def extract_client_metadata(self, request: Any) -> dict[str, Any]:
+        """RFC 7591 §2 metadata, after a type check of every member we know (authlib's claim
+        checks assume the declared JSON types and fail on, say, a number in redirect_uris)."""
+        data = request.payload.data
+        if isinstance(data, dict):
+            for name, value in data.items():
+                kind = _METADATA_TYPES.get(name)
+                if kind is list and not (
+                    isinstance(value, list) and all(isinstance(v, str) for v in value)
+                ):
+                    raise InvalidClientMetadataError(f"{name} must be an array of strings.")
+                if kind is not None and kind is not list and not isinstance(value, kind):
+                    raise InvalidClientMetadataError(f"{name} has the wrong JSON type.")
+                if _has_nul(value):  # PostgreSQL cannot store U+0000
+                    raise InvalidClientMetadataError("A metadata value contains a NUL character.")
+            jwks = data.get("jwks")
+            keys = jwks.get("keys") if isinstance(jwks, dict) else None
+            if jwks is not None and not (
+                isinstance(keys, list) and all(isinstance(k, dict) for k in keys)
+            ):
+                raise InvalidClientMetadataError("jwks must be a JWK Set with a 'keys' array.")
+        try:
+            metadata: dict[str, Any] = super().extract_client_metadata(request)
+        except (KeyError, TypeError, ValueError):  # a claim check choked on a malformed value
+            raise InvalidClientMetadataError("The client metadata is malformed.") from None
+        return metadata
 
     def get_server_metadata(self) -> dict[str, Any]:
         return {

@@ -33,7 +33,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode
 
 import sqlalchemy as sa
-from authlib.oauth2.rfc6749.errors import OAuth2Error
+from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
 from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -123,6 +123,10 @@ async def _form(request: Request) -> list[tuple[str, str]]:
     return parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
 
 
+def _has_nul(items: list[tuple[str, str]]) -> bool:
+    return any("\x00" in key or "\x00" in value for key, value in items)
+
+
 def public_uri(request: Request, urls: Urls) -> str:
     """The request's URL as clients see it: the auth base (``public_base_url`` when
     configured, so a TLS-terminating proxy counts as https) plus the endpoint and query."""
@@ -136,14 +140,19 @@ async def oauth_request(
 ) -> SmartOAuth2Request:
     """Read the query and form (the async part), then build authlib's request object.
 
-    :raises OAuth2Error: ``insecure_transport`` for plain http from a non-loopback host
+    :raises OAuth2Error: ``insecure_transport`` for plain http from a non-loopback host;
+        ``invalid_request`` for a parameter with a NUL character (no RFC 6749 value has one,
+        and PostgreSQL cannot even look it up)
     """
     form = await _form(request)
+    query = request.query_params.multi_items()
+    if _has_nul([*query, *form]):
+        raise InvalidRequestError("A parameter contains a NUL character.")
     return SmartOAuth2Request(
         request.method,
         public_uri(request, urls),
         request.headers,
-        query=request.query_params.multi_items(),
+        query=query,
         form=form,
         insecure_transport=insecure_transport,
     )
@@ -201,6 +210,8 @@ class AuthFlow:
             if error.redirect_uri:
                 return self.server.handle_error_response(oreq, error)  # type: ignore[no-any-return]
             return OAuthResponse(400, error.description or error.error, ())
+        except ValueError:  # authlib refuses to build an error that would echo control chars
+            return OAuthResponse(400, "The authorization request is malformed.", ())
         ex = current_exchange()
         if ex.now - self._purged > _PURGE_EVERY:  # housekeeping, at most every few minutes
             purge_expired(ex.conn, now=ex.now)
@@ -568,6 +579,8 @@ async def interact_get(request: Request, *, flow: AuthFlow, urls: Urls, run: Run
 async def interact_post(request: Request, *, flow: AuthFlow, urls: Urls, run: RunSync) -> Response:
     """``POST /interact``: a submitted login, patient choice or consent decision."""
     items = await _form(request)
+    if _has_nul(items):  # no login, choice or decision has one; PostgreSQL cannot store it
+        return error_page("The form contains a NUL character.")
     form: dict[str, list[str]] = {}
     for key, value in items:
         form.setdefault(key, []).append(value)

@@ -206,6 +206,8 @@ async def manage_post(
     """``POST /manage``: sign in, or revoke one app."""
     body = (await request.body()).decode("utf-8", "replace")
     form = dict(parse_qsl(body, keep_blank_values=True))
+    if any("\x00" in key or "\x00" in value for key, value in form.items()):
+        return _login_page(urls, "The form contains a NUL character.", 400)
     browser, new = browser_id(request)
     client_ip = request.client.host if request.client else "?"
     outcome = await run_in_threadpool(run, urls, _submit, server, form, browser, client_ip)

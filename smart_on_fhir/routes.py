@@ -28,6 +28,8 @@ and :meth:`SmartAuth.openid_configuration`; the host mounts them where its FHIR 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
 from collections.abc import Callable
@@ -195,6 +197,23 @@ def oauth_response(result: OAuthResponse) -> Response:
     return Response(result.body or "", status_code=result.status, headers=headers)
 
 
+def _malformed_basic(value: str | None) -> bool:
+    """An ``Authorization: Basic`` header that is not base64 of UTF-8 ``id:secret`` (RFC 7617
+    §2, RFC 6749 §2.3.1). authlib's parser assumes well-formed input and raises on the rest."""
+    if value is None or " " not in value:
+        return False
+    parts = value.split(None, 1)
+    if parts[0].lower() != "basic":
+        return False
+    if len(parts) < 2:
+        return True
+    try:
+        decoded = base64.b64decode(parts[1]).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return True
+    return ":" not in decoded
+
+
 def _error(status: int, error: str, description: str) -> Response:
     return JSONResponse(
         {"error": error, "error_description": description},
@@ -235,10 +254,12 @@ def build_router(auth: SmartAuth) -> APIRouter:
 
     async def _endpoint(request: Request, call: Callable[[Any], OAuthResponse]) -> Response:
         urls = auth.urls_for(request)
+        if _malformed_basic(request.headers.get("authorization")):
+            return _error(401, "invalid_client", "Malformed HTTP Basic credentials.")
         try:
             oreq = await oauth_request(request, urls, insecure_transport=insecure)
         except OAuth2Error as error:
-            return _error(400, error.error or "invalid_request", "Use https.")
+            return _error(400, error.error or "invalid_request", error.description or "Use https.")
         result = await run_in_threadpool(auth.run, urls, call, oreq)
         return oauth_response(result)
 
@@ -268,7 +289,7 @@ def build_router(auth: SmartAuth) -> APIRouter:
             """RFC 7591 dynamic client registration (JSON body)."""
             try:
                 data = json.loads(await request.body() or b"null")
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past Python's limit
                 data = None
             if not isinstance(data, dict):
                 return _error(400, "invalid_client_metadata", "The body must be a JSON object.")

@@ -3,15 +3,17 @@
     DocumentError
     ├── IntegrityFailure    stored ciphertext failed authentication, is truncated or missing
     ├── ContentDestroyed    the content's data key was shredded: it is unrecoverable
+    ├── StorageFull         the blob (or spool) file system has no space left
     └── MasterKeyError      the master key ring is missing, malformed or lacks a key id
 
-The HTTP layer answers :class:`IntegrityFailure` with a 500 OperationOutcome (after logging it)
-and :class:`ContentDestroyed` with 410 Gone.
+The HTTP layer answers :class:`IntegrityFailure` with a 500 OperationOutcome (after logging it),
+:class:`ContentDestroyed` with 410 Gone and :class:`StorageFull` with 507 Insufficient Storage
+(RFC 4918 §11.5; nothing was recorded, the upload can be repeated once space is freed).
 """
 
 from __future__ import annotations
 
-__all__ = ["ContentDestroyed", "DocumentError", "IntegrityFailure", "MasterKeyError"]
+__all__ = ["ContentDestroyed", "DocumentError", "IntegrityFailure", "MasterKeyError", "StorageFull"]
 
 
 class DocumentError(Exception):
@@ -32,6 +34,14 @@ class IntegrityFailure(DocumentError):
 
 class ContentDestroyed(DocumentError):
     """The content was crypto-shredded (its data key no longer exists)."""
+
+
+class StorageFull(DocumentError):
+    """Writing content failed for want of space (ENOSPC) or quota (EDQUOT)."""
+
+    def __init__(self, errno_name: str) -> None:
+        super().__init__(f"no space left for document content ({errno_name})")
+        self.errno_name = errno_name
 
 
 class MasterKeyError(DocumentError):

@@ -91,7 +91,7 @@ from fhir_consent.fhir.http import (
 )
 from fhir_consent.fhir.routes import FHIRContext
 from fhir_consent.fhir.services import WriteResult
-from fhir_consent.fhir.validation import is_valid_id, parse_json_body
+from fhir_consent.fhir.validation import check_json_structure, is_valid_id, parse_json_body
 from fhir_consent.requestctx import current_access
 from fhir_consent.store.repository import CurrentRow, Repository
 from smart_on_fhir.scopes import Interaction
@@ -305,6 +305,7 @@ def build_router() -> APIRouter:
                 except orjson.JSONDecodeError:
                     parsed = None
                 if isinstance(parsed, dict) and parsed.get("resourceType") == "Binary":
+                    check_json_structure(parsed, body)
                     resource = parsed
                 else:
                     raw = body
@@ -579,7 +580,7 @@ async def _receive(request: Request, docs: Documents, content_type: str) -> Spoo
                     if pieces:
                         await to_seal.send(b"".join(pieces))
                 except Exception as exc:  # too large, client gone: stop sealing too
-                    failure = exc
+                    failure = failure or exc  # the sealer's own failure (disk full) comes first
                     tg.cancel_scope.cancel()
         if failure is not None:
             raise failure

@@ -25,12 +25,14 @@ or the database's write lock.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import os
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
@@ -39,7 +41,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from fhir_consent.documents.config import DocumentSettings
-from fhir_consent.documents.errors import ContentDestroyed, IntegrityFailure
+from fhir_consent.documents.errors import ContentDestroyed, IntegrityFailure, StorageFull
 from fhir_consent.documents.keys import SEAL_OVERHEAD, SYSTEM_DOMAIN, ContentKey, DataKeyStore
 from fhir_consent.documents.tables import document_blobs, document_chunks, document_versions
 from fhir_consent.store.db import Database
@@ -57,6 +59,19 @@ _INSERT_BATCH_BYTES = 8 * 1024 * 1024
 _STREAM_BATCH_BYTES = 2 * 1024 * 1024  # per transaction while an upload streams in
 _IN_BATCH = 500
 Backend = Literal["db", "dir"]
+_FULL = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT"}
+
+
+@contextmanager
+def _space() -> Iterator[None]:
+    """Turn 'no space left' / 'quota exceeded' while writing content into :class:`StorageFull`
+    (every other OSError stays what it is)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise StorageFull(_FULL[exc.errno]) from None
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +250,9 @@ class Spool:
         self._batch: _Batch | None = None
         if self.backend == "dir":
             self.path: Path | None = store._spool_path(self.blob_id)
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with _space():
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             self._fh = os.fdopen(fd, "wb")
             self._sealer = _Sealer(self.key, self.chunk_size, _FileSink(self._fh))
         else:
@@ -248,7 +264,8 @@ class Spool:
 
     def write(self, data: bytes | memoryview) -> list[dict[str, Any]]:
         """Hash and seal more content; returns chunk rows to :meth:`store` (``db``)."""
-        self._sealer.write(data)
+        with _space():
+            self._sealer.write(data)
         return self._batch.take(_STREAM_BATCH_BYTES) if self._batch is not None else []
 
     @property
@@ -259,11 +276,13 @@ class Spool:
     def finish(self, *, sync: bool) -> list[dict[str, Any]]:
         """Seal the last chunk; close the spool file (flushed to disk when ``sync``). Returns
         the remaining chunk rows to :meth:`store` (``db``)."""
-        self.size, self.sha1, self.chunk_count = self._sealer.finish()
+        with _space():
+            self.size, self.sha1, self.chunk_count = self._sealer.finish()
+            if self._fh is not None:
+                self._fh.flush()
+                if sync:
+                    os.fsync(self._fh.fileno())
         if self._fh is not None:
-            self._fh.flush()
-            if sync:
-                os.fsync(self._fh.fileno())
             self._fh.close()
             self._fh = None
         return self._batch.take(0) if self._batch is not None else []
@@ -447,23 +466,29 @@ class BlobStore:
             sink.flush()
             return info
         tmp = self._spool_path(blob_id)
-        tmp.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                sealer = _Sealer(key, self.chunk_size, _FileSink(fh))
-                sealer.write(view)
-                sealer.finish()
-                fh.flush()
-                os.fsync(fh.fileno())
+            with _space():
+                self._write_file(tmp, key, view)
             self._place(tmp, blob_id)
         finally:
             tmp.unlink(missing_ok=True)
         return info
 
+    def _write_file(self, tmp: Path, key: ContentKey, view: memoryview) -> None:
+        """Seal ``view`` into the new file ``tmp``, flushed to disk."""
+        tmp.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            sealer = _Sealer(key, self.chunk_size, _FileSink(fh))
+            sealer.write(view)
+            sealer.finish()
+            fh.flush()
+            os.fsync(fh.fileno())
+
     def _place(self, tmp: Path, blob_id: str) -> None:
         final = self._file(blob_id)
-        final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with _space():  # a new fan-out directory needs a block too
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
 

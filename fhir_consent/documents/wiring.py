@@ -9,10 +9,14 @@ limits, and exposes the :class:`~fhir_consent.documents.routes.Documents` object
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from functools import partial
 from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
 
 from fhir_consent.documents.access import (
     BinaryAccess,
@@ -21,14 +25,34 @@ from fhir_consent.documents.access import (
     no_audit,
 )
 from fhir_consent.documents.config import DocumentSettings
+from fhir_consent.documents.errors import StorageFull
 from fhir_consent.documents.keys import DataKeyStore, MasterKeyRing
 from fhir_consent.documents.routes import JSON_TYPES, Documents, build_router
 from fhir_consent.documents.service import DocumentHooks
 from fhir_consent.documents.storage import BlobStore
+from fhir_consent.errors import Issue, operation_outcome
+from fhir_consent.fhir.http import fhir_response
 from fhir_consent.fhir.routes import FHIRContext
 from fhir_consent.limits import LimitRule, add_limit_rule, remove_limit_rules
 
 __all__ = ["build_store", "install", "load_master_keys", "uninstall"]
+
+log = logging.getLogger("fhir_consent.documents")
+
+
+async def storage_full(request: Request, exc: Exception) -> Response:
+    """507 Insufficient Storage (RFC 4918 §11.5) when content cannot be written for want of
+    space: the write's transaction was rolled back, nothing refers to the partial file (it
+    was removed), and the same request succeeds once space is freed."""
+    name = exc.errno_name if isinstance(exc, StorageFull) else "?"
+    log.error(
+        "document store full (%s) on %s %s: answered 507, nothing stored",
+        name,
+        request.method,
+        request.url.path,
+    )
+    issue = Issue("There is no space left to store the document content", "transient")
+    return fhir_response(operation_outcome([issue]), 507, {"Retry-After": "60"})
 
 
 def load_master_keys(settings: DocumentSettings, *, create: bool = True) -> MasterKeyRing:
@@ -111,6 +135,7 @@ def install(
         installed=(tuple(ours), tuple(rules)),
     )
     app.state.documents = documents
+    app.add_exception_handler(StorageFull, storage_full)
     return documents
 
 

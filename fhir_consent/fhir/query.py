@@ -95,6 +95,8 @@ def parse_search(
     spec = SearchSpec(resource_type=resource_type, count=default_count, now=now)
     out = ParsedSearch(spec=spec)
     for raw_key, value in items:
+        if "\x00" in raw_key or "\x00" in value:  # no database can match (or store) U+0000
+            raise BadRequest("A search parameter contains a NUL character")
         name, _, modifier = raw_key.partition(":")
         if name in _FORMAT_PARAMS:
             continue

@@ -50,7 +50,12 @@ from fhir_consent.fhir.services import (
     WriteResult,
     format_instant,
 )
-from fhir_consent.fhir.validation import SUPPORTED_TYPES, is_valid_id, parse_json_body
+from fhir_consent.fhir.validation import (
+    SUPPORTED_TYPES,
+    is_valid_id,
+    parse_json,
+    parse_json_body,
+)
 from fhir_consent.fhir.visibility import (
     ConsentEnforcer,
     Visibility,
@@ -382,11 +387,7 @@ def build_router() -> APIRouter:
         _check_type(rtype)
         gate = await gate_for(request, ctx, rtype, Interaction.UPDATE)
         check_content_type(request, _PATCH_TYPES)
-        raw = await request.body()
-        try:
-            ops = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise BadRequest("The request body is not valid JSON") from None
+        ops = parse_json(await request.body())
         if_match = parse_if_match(request.headers.get("if-match"))
 
         def run(conn: Connection, vis: Visibility) -> WriteResult:

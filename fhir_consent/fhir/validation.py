@@ -7,6 +7,7 @@ values, so an OperationOutcome never echoes patient data (R4 operationoutcome.ht
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from functools import cache
 from typing import Any
@@ -18,11 +19,23 @@ from pydantic import ValidationError
 from fhir_consent.errors import BadRequest, InvalidResource, Issue
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "SUPPORTED_TYPES",
+    "check_json_structure",
     "is_valid_id",
+    "parse_json",
     "parse_json_body",
     "validate_resource",
 ]
+
+#: Deepest nesting of JSON arrays and objects a request body may have. Real resources stay far
+#: below it (an extension inside an extension inside a contained resource is about 10); the
+#: validator recurses per level and fails at about 300, so deeper bodies are refused with 400.
+MAX_JSON_DEPTH = 100
+
+#: Characters a FHIR string SHALL NOT contain (R4 datatypes.html#string: nothing below U+0020
+#: except tab, CR and LF). PostgreSQL cannot store U+0000 in text or jsonb at all.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 #: Resource types this server stores. Encounter and Task are kept (with a few search
 #: parameters) because the official Consent examples reference them.
@@ -111,14 +124,47 @@ def is_valid_id(value: str) -> bool:
     return 0 < len(value) <= 64 and all(c in _ID_CHARS for c in value)
 
 
-def parse_json_body(body: bytes) -> dict[str, Any]:
-    """Parse a request body that must be one JSON object."""
-    if not body:
-        raise BadRequest("The request body is empty")
+def check_json_structure(data: Any, body: bytes | None = None) -> None:
+    """Refuse (400) JSON nested deeper than :data:`MAX_JSON_DEPTH` and strings (keys included)
+    with control characters. Given the raw ``body``, the walk is skipped when the bytes show
+    it cannot find anything (too few brackets, no escaped control character)."""
+    deep = body is None or body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH
+    control = body is None or any(e in body for e in (b"\\u00", b"\\b", b"\\f"))
+    if not (deep or control):
+        return
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            if depth > MAX_JSON_DEPTH:
+                raise BadRequest(f"The JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+            for key, item in value.items():
+                if control and _CONTROL.search(key):
+                    raise BadRequest("A JSON key contains a control character")
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            if depth > MAX_JSON_DEPTH:
+                raise BadRequest(f"The JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((item, depth + 1) for item in value)
+        elif control and isinstance(value, str) and _CONTROL.search(value):
+            raise BadRequest("A string contains a control character (FHIR R4 datatypes: string)")
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse a JSON request body of any shape, with :func:`check_json_structure`'s limits."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadRequest("The request body is not valid JSON") from None
+    check_json_structure(data, body)
+    return data
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    """Parse a request body that must be one JSON object."""
+    if not body:
+        raise BadRequest("The request body is empty")
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise BadRequest("The request body must be a JSON object (a FHIR resource)")
     return data
