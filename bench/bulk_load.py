@@ -7,10 +7,10 @@ server's own code for everything but the SQL round-trips:
 * ``fhir_consent.fhir.services.finalize`` sets ``id``/``meta`` and produces the canonical
   JSON bytes;
 * ``fhir_consent.fhir.searchparams.extract`` produces the search-index rows;
-* ``fhir_consent.store.repository.Repository.insert`` turns those into table rows; it runs
-  against a *recording* connection (:class:`Recorder`) that keeps the row dicts it would have
-  executed instead of executing them, so value truncation, column names and defaults are the
-  repository's own.
+* ``fhir_consent.store.repository.index_rows`` turns the index into table rows — the very
+  tuples ``Repository.insert`` writes — and :class:`Recorder` keeps them with the current and
+  version rows, so value truncation and column names are the repository's own (``verify``
+  checks that an API create writes the same rows).
 
 The recorded rows are then written with ``COPY … FROM STDIN`` (PostgreSQL; several worker
 processes, secondary indexes and foreign keys dropped during the load and re-created from
@@ -54,7 +54,7 @@ from fhir_consent.fhir.searchparams import extract
 from fhir_consent.fhir.services import finalize
 from fhir_consent.fhir.validation import validate_resource
 from fhir_consent.store.db import Database, normalize_url
-from fhir_consent.store.repository import Repository
+from fhir_consent.store.repository import index_rows
 from fhir_consent.store.tables import metadata
 
 __all__ = [
@@ -386,16 +386,27 @@ class _Returning:
 
 
 class Recorder:
-    """A stand-in for a SQLAlchemy ``Connection`` that records the rows of INSERTs.
-
-    ``Repository.insert`` calls ``execute(table.insert()[.returning(pk)], row | rows)``; the
-    recorder keeps ``rows[table_name]`` and answers the ``RETURNING pk`` with ``next_pk``.
-    """
+    """Collects the rows of creates per table (``rows[table_name]``), with ``next_pk`` as the
+    resource's surrogate key; ``execute`` records plain SQLAlchemy inserts the same way."""
 
     def __init__(self, dialect: str = "postgresql") -> None:
         self.dialect = _Dialect(dialect)
         self.rows: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES}
         self.next_pk = 0
+
+    def record_create(
+        self, res_type: str, res_id: str, content: bytes, now: int, index: Any, method: str
+    ) -> None:
+        """The rows ``Repository.insert`` writes for a create: the current row, version 1 and
+        the index rows (``repository.index_rows``, the very tuples the store inserts)."""
+        pk = self.next_pk
+        base = {"res_type": res_type, "res_id": res_id, "version_id": 1, "last_updated": now}
+        self.rows["resources"].append({**base, "deleted": False, "content": content, "pk": pk})
+        self.rows["resource_versions"].append(
+            {**base, "deleted": False, "method": method, "content": content}
+        )
+        for table, rows in index_rows(pk, res_type, index).items():
+            self.rows[table].extend(rows)
 
     def execute(self, stmt: Any, params: Any = None) -> _Returning:
         table = stmt.table.name
@@ -418,7 +429,7 @@ def rows_for(
     exactly as ``ResourceService.create`` would write them. Returns the stored content."""
     content, parsed = finalize(resource, res_id, 1, now)
     rec.next_pk = pk
-    Repository(rec).insert(res_type, res_id, content, now, extract(parsed), "POST")  # type: ignore[arg-type]
+    rec.record_create(res_type, res_id, content, now, extract(parsed), "POST")
     return content
 
 

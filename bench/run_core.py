@@ -26,10 +26,16 @@ Everything is loopback-only and bounded (durations, request caps, process timeou
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import platform
 import random
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -42,6 +48,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -70,11 +78,14 @@ UVICORN_OPTS = [
     "warning",
 ]
 SEARCH_QUERY = "date=ge2020-01-01&_count=50"
+#: Scenario groups of ``--scenarios`` (``read`` is the baseline/read pair).
+SCENARIOS = ("read", "read-auth", "create", "search")
 
 #: Targets per uvicorn worker (issue acceptance).
 READ_RATIO_TARGET = 0.5
 CREATE_TARGET_RPS = 800.0
 SEARCH_P95_TARGET_MS = 25.0
+AUTH_RATIO_TARGET = 0.85
 
 
 @dataclass(slots=True)
@@ -140,8 +151,10 @@ class Server:
         cmd += [str(self.port), *UVICORN_OPTS]
         full_env = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}"}
         self._log_file = log.open("wb")
+        # cwd: the log's (temporary) directory, so keys created on first start (ledger,
+        # documents) never land in the checkout
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT
+            cmd, cwd=log.parent, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT
         )
 
     @property
@@ -240,6 +253,7 @@ class Settings:
     engine: str
     max_other: float  # cores; a run where other processes used more is retried
     retries: int
+    scenarios: frozenset[str] = frozenset(SCENARIOS)
 
 
 @dataclass(slots=True)
@@ -368,6 +382,99 @@ def _print_result(m: Measurement) -> None:
     )
 
 
+#: Patients whose own token drives the authenticated read (one token each).
+AUTH_PATIENTS = 16
+_TXN = re.compile(r'name="txn" value="([^"]+)"')
+_SCOPE_FIELD = re.compile(r'name="scope" value="([^"]+)"')
+_PATIENT_FIELD = re.compile(r'name="patient" value="([^"]+)"')
+_REDIRECT = "http://127.0.0.1/bench-callback"
+_SCOPES = "openid fhirUser launch/patient patient/*.rs"
+
+
+def provision_patient_logins(url: str, patients: Sequence[str]) -> tuple[str, str]:
+    """What ``fhir-consent users add`` and ``fhir-consent clients add --type public`` do, for
+    ``patients``: one login per patient and one public app. Returns (client_id, password)."""
+    from fhir_consent.store.db import Database
+    from smart_on_fhir.clients import create_client
+    from smart_on_fhir.users import create_user
+
+    password = secrets.token_urlsafe(18)
+    db = Database(url, pool_size=1)
+    try:
+        now = int(time.time())
+        with db.write() as conn:
+            for i, pid in enumerate(patients):
+                create_user(conn, f"bench-p{i}", password, fhir_user=f"Patient/{pid}", now=now)
+            client = create_client(
+                conn,
+                client_name="bench patient app",
+                client_type="public",
+                redirect_uris=[_REDIRECT],
+                scope=_SCOPES,
+                now=now,
+            )
+    finally:
+        db.dispose()
+    return client.client.client_id, password
+
+
+def patient_token(base: str, client_id: str, username: str, password: str) -> str:
+    """A SMART standalone launch against the server itself, over HTTP: ``/auth/authorize``
+    (PKCE S256) → login → patient picker → consent → ``/auth/token``. Returns the access
+    token (an RS256 JWT the server signed)."""
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+    params = {
+        "response_type": "code",
+        "client_id": client_id,
+        "redirect_uri": _REDIRECT,
+        "scope": _SCOPES,
+        "state": secrets.token_hex(8),
+        "aud": f"{base}/fhir",
+        "code_challenge": challenge.rstrip(b"=").decode(),
+        "code_challenge_method": "S256",
+    }
+    with httpx.Client(base_url=base, timeout=30) as http:
+        response = http.get("/auth/authorize", params=params)
+        for _ in range(10):
+            if response.status_code in (302, 303):
+                location = response.headers["location"]
+                if location.startswith(_REDIRECT):
+                    break
+                response = http.get(location)
+                continue
+            response.raise_for_status()
+            page = response.text
+            txn = _TXN.search(page)
+            if txn is None:
+                raise RuntimeError("unexpected authorization page")
+            data: dict[str, Any]
+            if 'value="login"' in page:
+                data = {"step": "login", "username": username, "password": password}
+            elif 'value="patient"' in page:
+                data = {"step": "patient", "patient": _PATIENT_FIELD.findall(page)[0]}
+            else:
+                data = {"step": "consent", "decision": "allow", "scope": _SCOPE_FIELD.findall(page)}
+            data["txn"] = txn[1]
+            response = http.post(str(response.url).split("?")[0], data=data)
+        else:
+            raise RuntimeError("the authorization pages did not finish")
+        code = parse_qs(urlsplit(response.headers["location"]).query)["code"][0]
+        token = http.post(
+            "/auth/token",
+            data={
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": _REDIRECT,
+                "code_verifier": verifier,
+                "client_id": client_id,
+            },
+        )
+        token.raise_for_status()
+        access: str = token.json()["access_token"]
+        return access
+
+
 def run_backend(
     backend: str,
     url: str,
@@ -387,13 +494,15 @@ def run_backend(
     else:
         bulk_load.load(url, plan)
     load_seconds = time.monotonic() - t
-    env = {
+    secured_env = {
         "FHIR_CONSENT_DATABASE_URL": url,
         "FHIR_CONSENT_AUTO_MIGRATE": "false",
-        # the FHIR core without SMART bearer-token checks (not part of these targets)
-        "FHIR_CONSENT_OPEN_ACCESS": "true",
         "FHIR_CONSENT_SMART_KEYS_DIR": str(tmp / "smart-keys"),
     }
+    # The read/create/search targets are about the FHIR core: measured without bearer tokens
+    # (open access); the authenticated read runs on a second, secured server (same app, same
+    # database: only FHIR_CONSENT_OPEN_ACCESS differs).
+    env = {**secured_env, "FHIR_CONSENT_OPEN_ACCESS": "true"}
     report = BackendReport(backend, url.split("@")[-1], plan, load_seconds, [])
     with serving("fhir_consent.main:app", env, tmp / f"{backend}.log", "/fhir/metadata") as srv:
         report.verify_problems = bulk_load.verify(srv.base + "/fhir", url, plan)
@@ -429,25 +538,73 @@ def run_backend(
         ]
         c = s.connections
         target = Target(srv, url)
-        with serving(
-            "baseline_app:app", base_env, tmp / f"{backend}-baseline.log", f"/fhir/Patient/{first}"
-        ) as bl_srv:
-            pairs: dict[str, list[Run]] = {"baseline": [], "read": []}
-            for _ in range(s.repeat):
+        with contextlib.ExitStack() as stack:
+            bl_srv = stack.enter_context(
+                serving(
+                    "baseline_app:app",
+                    base_env,
+                    tmp / f"{backend}-baseline.log",
+                    f"/fhir/Patient/{first}",
+                )
+            )
+            pairs: dict[str, list[Run]] = {"baseline": [], "read": [], "read-auth": []}
+            auth_target: Target | None = None
+            auth_reads: list[RequestTemplate] = []
+            if "read-auth" in s.scenarios:
+                sec = stack.enter_context(
+                    serving(
+                        "fhir_consent.main:app",
+                        secured_env,
+                        tmp / f"{backend}-secured.log",
+                        "/fhir/metadata",
+                    )
+                )
+                auth_reads = _auth_templates(sec, url, ids[:AUTH_PATIENTS], srv.base, log)
+                auth_target = Target(sec, url)
+            rounds = s.repeat if {"read", "read-auth"} & s.scenarios else 0
+            for _ in range(rounds):
                 pairs["baseline"].append(_measure(Target(bl_srv, None), reads, c, s, 5_000_000))
                 pairs["read"].append(_measure(target, reads, c, s, 5_000_000))
-        for name in ("baseline", "read"):
-            report.measurements.append(_median(backend, name, c, pairs[name], "rps"))
-            _print_result(report.measurements[-1])
+                if auth_target is not None:
+                    pairs["read-auth"].append(_measure(auth_target, auth_reads, c, s, 5_000_000))
+        for name in ("baseline", "read", "read-auth"):
+            if pairs[name]:
+                report.measurements.append(_median(backend, name, c, pairs[name], "rps"))
+                _print_result(report.measurements[-1])
         for scenario, templates, conns, key, cap in (
             ("create", create, c, "rps", 200_000),
             ("search", searches, 1, "p95_ms", 1_000_000),
             ("search", searches, c, "rps", 1_000_000),
         ):
+            if scenario not in s.scenarios:
+                continue
             runs = [_measure(target, templates, conns, s, cap) for _ in range(s.repeat)]
             report.measurements.append(_median(backend, scenario, conns, runs, key))
             _print_result(report.measurements[-1])
     return report
+
+
+def _auth_templates(
+    sec: Server, url: str, patients: Sequence[str], open_base: str, log: Callable[[str], None]
+) -> list[RequestTemplate]:
+    """Each patient's own read with their own token, checked before it is measured: 401
+    without the token, and with it exactly the bytes the open server serves."""
+    client_id, password = provision_patient_logins(url, patients)
+    templates = []
+    for i, pid in enumerate(patients):
+        token = patient_token(sec.base, client_id, f"bench-p{i}", password)
+        path = f"/fhir/Patient/{pid}"
+        bare = httpx.get(sec.base + path)
+        authed = httpx.get(sec.base + path, headers={"Authorization": f"Bearer {token}"})
+        expected = httpx.get(open_base + path)
+        if bare.status_code != 401 or authed.status_code != 200:
+            raise RuntimeError(f"secured server: {bare.status_code} / {authed.status_code}")
+        if authed.content != expected.content:
+            raise RuntimeError("the authenticated read differs from the open read")
+        headers = (("Accept", "application/fhir+json"), ("Authorization", f"Bearer {token}"))
+        templates.append(RequestTemplate(path, headers=headers))
+    log(f"  {len(templates)} patient tokens from /auth/token (standalone launch, PKCE)")
+    return templates
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -507,30 +664,44 @@ def _status(ok: bool | None) -> str:
 
 
 def targets(reports: Sequence[BackendReport], full_size: bool) -> list[tuple[str, str, str]]:
-    """(target, measured, status) rows."""
+    """(target, measured, status) rows, for the scenarios that were run."""
     rows: list[tuple[str, str, str]] = []
     for rep in reports:
-        by = {(m.scenario, m.connections): m for m in rep.measurements}
+        if not rep.measurements:
+            continue
+        by = {(m.scenario, m.connections): m.result for m in rep.measurements}
         conns = max(m.connections for m in rep.measurements)
-        base, read = by[("baseline", conns)].result, by[("read", conns)].result
-        ratio = read.rps / base.rps if base.rps else 0.0
-        rows.append(
-            (
-                f"{rep.backend}: read ≥ {READ_RATIO_TARGET:.0%} of bare endpoint",
-                f"{ratio:.0%} ({read.rps:,.0f} / {base.rps:,.0f} req/s)",
-                _status(ratio >= READ_RATIO_TARGET),
+        base, read = by.get(("baseline", conns)), by.get(("read", conns))
+        if base is not None and read is not None:
+            ratio = read.rps / base.rps if base.rps else 0.0
+            rows.append(
+                (
+                    f"{rep.backend}: read ≥ {READ_RATIO_TARGET:.0%} of bare endpoint",
+                    f"{ratio:.0%} ({read.rps:,.0f} / {base.rps:,.0f} req/s)",
+                    _status(ratio >= READ_RATIO_TARGET),
+                )
             )
-        )
-        create = by[("create", conns)].result
-        rows.append(
-            (
-                f"{rep.backend}: create ≥ {CREATE_TARGET_RPS:,.0f}/s",
-                f"{create.rps:,.0f}/s",
-                _status(create.rps >= CREATE_TARGET_RPS),
+        auth = by.get(("read-auth", conns))
+        if auth is not None and read is not None:
+            ratio = auth.rps / read.rps if read.rps else 0.0
+            rows.append(
+                (
+                    f"{rep.backend}: authenticated read ≥ {AUTH_RATIO_TARGET:.0%} of read",
+                    f"{ratio:.0%} ({auth.rps:,.0f} / {read.rps:,.0f} req/s)",
+                    _status(ratio >= AUTH_RATIO_TARGET),
+                )
             )
-        )
-        if rep.backend == "postgres":
-            search = by[("search", 1)].result
+        create = by.get(("create", conns))
+        if create is not None:
+            rows.append(
+                (
+                    f"{rep.backend}: create ≥ {CREATE_TARGET_RPS:,.0f}/s",
+                    f"{create.rps:,.0f}/s",
+                    _status(create.rps >= CREATE_TARGET_RPS),
+                )
+            )
+        search = by.get(("search", 1))
+        if rep.backend == "postgres" and search is not None:
             judged = full_size and rep.plan.documents >= 1_000_000
             rows.append(
                 (
@@ -628,6 +799,20 @@ def write_doc(section: str) -> None:
 # -- main --------------------------------------------------------------------------------------
 
 
+def _parse_sizes(text: str, default: Sizes) -> Sizes:
+    sizes = dataclasses.replace(default)
+    for part in text.split(","):
+        backend, _, counts = part.strip().partition("=")
+        patients, _, documents = counts.partition("/")
+        numbers = patients.isdigit() and documents.isdigit()
+        if backend not in ("sqlite", "postgres") or not numbers:
+            raise SystemExit(f"--sizes: expected sqlite=P/D,postgres=P/D, got {part!r}")
+        prefix = "sqlite" if backend == "sqlite" else "pg"
+        setattr(sizes, f"{prefix}_patients", int(patients))
+        setattr(sizes, f"{prefix}_documents", int(documents))
+    return sizes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small data sets, short runs (~1 min)")
@@ -655,6 +840,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--reuse-db", action="store_true", help="reuse a kept, already loaded PostgreSQL database"
     )
+    ap.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all; a partial run "
+        "or one with --sizes writes the doc only with --write-doc)",
+    )
+    ap.add_argument(
+        "--sizes",
+        help="data sets as sqlite=PATIENTS/DOCUMENTS,postgres=PATIENTS/DOCUMENTS (e.g. "
+        "postgres=10000/100000 for a development run; the search target is judged at 1M)",
+    )
     ap.add_argument("--write-doc", action="store_true", help="write docs/benchmarks.md (quick)")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     args = ap.parse_args(argv)
@@ -662,6 +858,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     sizes = QUICK if args.quick else FULL
+    if args.sizes:
+        sizes = _parse_sizes(args.sizes, sizes)
     s = Settings(
         duration=args.duration or (2.0 if args.quick else 10.0),
         warmup=args.warmup if args.warmup is not None else (0.5 if args.quick else 3.0),
@@ -670,7 +868,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine=args.engine,
         max_other=args.max_other,
         retries=args.retries if args.retries is not None else (0 if args.quick else 3),
+        scenarios=frozenset(x.strip() for x in args.scenarios.split(",") if x.strip()),
     )
+    unknown = s.scenarios - set(SCENARIOS)
+    if unknown:
+        raise SystemExit(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    partial = s.scenarios != set(SCENARIOS) or bool(args.sizes)
     started = datetime.now(UTC)
     info = machine_info()
     print(f"fhir-consent core benchmark, {started:%Y-%m-%d %H:%M} UTC", flush=True)
@@ -699,12 +902,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SystemExit(f"unknown backend {backend!r}")
 
     command = "python bench/run_core.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
-    full_size = not args.quick
+    full_size = not args.quick and not args.sizes
     print()
     for t, v, st in targets(reports, full_size):
         print(f"  {st.replace('*', ''):<5} {t}: {v}")
     section = render_section(reports, info, s, command, started, full_size)
-    if (not args.quick and not args.no_doc) or args.write_doc:
+    if args.write_doc or (not partial and not args.quick and not args.no_doc):
         write_doc(section)
         print(f"\nwrote {DOC.relative_to(ROOT)}")
     failed = any(r.verify_problems for r in reports) or any(

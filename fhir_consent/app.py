@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -55,9 +55,11 @@ from fhir_consent.documents import install as install_documents
 from fhir_consent.documents.auditing import SinkDownloadAudit
 from fhir_consent.documents.config import DocumentSettings
 from fhir_consent.errors import FHIRError, Issue, operation_outcome
+from fhir_consent.fhir.fastpath import FastRead
 from fhir_consent.fhir.http import fhir_response
 from fhir_consent.fhir.routes import FHIRContext, build_router
 from fhir_consent.fhir.services import Clock, system_clock
+from fhir_consent.forwarded import ProxyPolicy, PublicURLs
 from fhir_consent.ledger.api import install as install_ledger
 from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.limits import BodyLimit
@@ -80,6 +82,7 @@ __all__ = [
     "create_core_app",
     "fhir_user_exists",
     "install_layers",
+    "mounted_lifespan",
     "smart_auth_settings",
 ]
 
@@ -255,6 +258,25 @@ def install_layers(
     _run_with_app(app, sink.start, sink.stop)
 
 
+def mounted_lifespan(*apps: FastAPI) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+    """A ``lifespan`` for a host application that mounts these apps.
+
+    Starlette runs only the host's own lifespan, never a mounted app's, and ours migrates the
+    database, starts the audit writer and the ledger relay and flushes them on shutdown. Use
+    ``FastAPI(lifespan=mounted_lifespan(fhir_app))`` (or enter
+    ``fhir_app.router.lifespan_context(fhir_app)`` from the host's own lifespan).
+    """
+
+    @asynccontextmanager
+    async def lifespan(_host: Any) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            for app in apps:
+                await stack.enter_async_context(app.router.lifespan_context(app))
+            yield
+
+    return lifespan
+
+
 def _run_with_app(app: FastAPI, start: Callable[[], None], stop: Callable[[], None]) -> None:
     """Call ``start`` when the app starts serving and ``stop`` when it shuts down."""
     original = app.router.lifespan_context
@@ -299,8 +321,14 @@ def create_core_app(settings: Settings | None = None, *, clock: Clock = system_c
     )
     app.state.fhir = ctx
     _install_smart(app, ctx, settings)  # before the FHIR routes: .well-known paths
-    app.include_router(build_router(), prefix=settings.fhir_path)
+    fhir_router = build_router()
+    if not settings.fhir_path.rstrip("/"):
+        # the FHIR base is the app's root (a host app mounts us at the base itself): the
+        # base's own route is "/", and FastAPI refuses an empty path without a prefix
+        fhir_router.routes[:] = [r for r in fhir_router.routes if getattr(r, "path", "/")]
+    app.include_router(fhir_router, prefix=settings.fhir_path.rstrip("/"))
     _install_error_handlers(app)
+    app.add_middleware(FastRead, fhir_path=settings.fhir_path)  # innermost: next to the router
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     def load_origins() -> frozenset[str]:
@@ -314,6 +342,8 @@ def create_core_app(settings: Settings | None = None, *, clock: Clock = system_c
         extra_origins=frozenset(o.rstrip("/").lower() for o in settings.cors_origins),
         load_origins=load_origins,
     )
+    # outermost: everything inside sees the public root and a trusted proxy's scheme/client
+    app.add_middleware(PublicURLs, policy=ProxyPolicy.parse(settings.trusted_proxies))
     return app
 
 

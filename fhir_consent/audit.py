@@ -217,7 +217,8 @@ def prepare_audit(record: AuditRecord) -> Prepared:
 
 def store_prepared(conn: Connection, items: Sequence[Prepared]) -> int:
     """Insert prepared AuditEvents on ``conn`` (a few multi-row statements in all)."""
-    return Repository(conn).insert_many("AuditEvent", items, "POST")
+    rows = [("AuditEvent", rid, content, now, index, "POST") for rid, content, now, index in items]
+    return len(Repository(conn).insert_many(rows))
 
 
 def write_audit(conn: Connection, records: Iterable[AuditRecord]) -> int:

@@ -446,6 +446,8 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_format, settings.log_level)
     if args.database_url:
         os.environ["FHIR_CONSENT_DATABASE_URL"] = args.database_url
+    if _gateway_environment(args, settings) != 0:
+        return 2
     upgrade(settings.database_url)  # once, before workers start
     os.environ["FHIR_CONSENT_AUTO_MIGRATE"] = "false"
     if not settings.open_access and settings.smart_jwks is None:
@@ -470,7 +472,9 @@ def _serve(args: argparse.Namespace) -> int:
             workers=workers,
             log_level=settings.log_level,
             log_config=logging_config(settings.log_format, settings.log_level),
-            proxy_headers=True,
+            # fhir_consent.forwarded decides which proxies it trusts (trusted_proxies, none by
+            # default); uvicorn's own handling would silently trust 127.0.0.1
+            proxy_headers=False,
             access_log=False,  # the server's own access log has no ids or query values
             timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
             timeout_worker_healthcheck=settings.worker_healthcheck_timeout,
@@ -545,6 +549,57 @@ def _add_backup_commands(sub: Any) -> None:
     verify.set_defaults(func=_backup)
 
 
+#: ``serve`` options of gateway mode → the GatewaySettings variables they set (for every worker)
+_GATEWAY_OPTIONS = {
+    "upstream": "UPSTREAM",
+    "upstream_token_file": "TOKEN_FILE",
+    "upstream_client_id": "CLIENT_ID",
+    "upstream_key": "KEY_FILE",
+    "upstream_key_id": "KEY_ID",
+    "upstream_token_url": "TOKEN_URL",
+    "upstream_scope": "SCOPE",
+}
+
+
+def _gateway_environment(args: argparse.Namespace, settings: Any) -> int:
+    """Put the ``--upstream…`` options into the environment the workers read, and check them
+    (and create the paging key) before any worker starts."""
+    import json
+
+    from pydantic import ValidationError
+
+    from fhir_consent.gateway.config import GatewaySettings
+    from fhir_consent.gateway.paging import load_page_key
+
+    for option, name in _GATEWAY_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value:
+            os.environ[f"FHIR_CONSENT_GATEWAY_{name}"] = str(value)
+    for option, name in (("forward_types", "TYPES"), ("forward_writes", "WRITE_TYPES")):
+        value = getattr(args, option, None)
+        if value is not None:
+            types = [t.strip() for t in value.split(",") if t.strip()]
+            os.environ[f"FHIR_CONSENT_GATEWAY_{name}"] = json.dumps(types)
+    try:
+        gateway = GatewaySettings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "gateway"
+            print(f"fhir-consent serve: {where}: {error['msg']}", file=sys.stderr)  # noqa: T201
+        return 2
+    if gateway.upstream is None:
+        return 0
+    if settings.open_access:
+        print(  # noqa: T201
+            "fhir-consent serve: gateway mode needs the SMART server (unset open_access)",
+            file=sys.stderr,
+        )
+        return 2
+    load_page_key(gateway)
+    print(f"gateway mode: forwarding {', '.join(gateway.types)} to the upstream")  # noqa: T201
+    return 0
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from fhir_consent.config import Settings
     from fhir_consent.store.migrate import upgrade
@@ -564,6 +619,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int)
     serve.add_argument("--database-url", help="overrides FHIR_CONSENT_DATABASE_URL")
+    gw = serve.add_argument_group(
+        "gateway mode", "serve in front of an existing FHIR server (docs/gateway.md)"
+    )
+    gw.add_argument("--upstream", metavar="URL", help="the upstream FHIR base URL")
+    gw.add_argument(
+        "--upstream-token-file", metavar="FILE", help="a static bearer token for the upstream"
+    )
+    gw.add_argument(
+        "--upstream-client-id", metavar="ID", help="our backend-services client id upstream"
+    )
+    gw.add_argument(
+        "--upstream-key", metavar="FILE", help="its private key (JWK JSON with kid, or PEM)"
+    )
+    gw.add_argument("--upstream-key-id", metavar="KID", help="kid for a PEM key")
+    gw.add_argument(
+        "--upstream-token-url",
+        metavar="URL",
+        help="the upstream token endpoint (default: from its smart-configuration)",
+    )
+    gw.add_argument("--upstream-scope", metavar="SCOPES", help="default system/*.rs")
+    gw.add_argument(
+        "--forward-types", metavar="T1,T2", help="forwarded resource types (docs/gateway.md)"
+    )
+    gw.add_argument(
+        "--forward-writes", metavar="T1,T2", help="forwarded types whose writes go upstream too"
+    )
     serve.set_defaults(func=_serve)
 
     migrate = sub.add_parser("migrate", help="bring the database schema up to date")

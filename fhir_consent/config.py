@@ -7,10 +7,11 @@ machine with nothing configured: a SQLite file in the working directory and port
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -28,9 +29,20 @@ class Settings(BaseSettings):
     public_base_url: str | None = Field(
         default=None,
         description="Absolute FHIR base URL as clients see it (e.g. https://ehr.example/fhir). "
-        "When unset it is derived from the request (Host, X-Forwarded-*) and the mount point.",
+        "When unset it is derived from the request (Host, the mount point, and X-Forwarded-* "
+        "from trusted_proxies only).",
     )
-    fhir_path: str = Field(default="/fhir", description="Path of the FHIR base inside the app")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or CIDR networks of reverse proxies whose X-Forwarded-Proto, "
+        "-Host, -Port, -Prefix and -For headers set the public URL and client address. "
+        "Empty (the default): those headers are ignored. See docs/mounting.md.",
+    )
+    fhir_path: str = Field(
+        default="/fhir",
+        description="Path of the FHIR base inside the app ('' when a host app mounts the "
+        "app at the FHIR base itself)",
+    )
     host: str = Field(default="127.0.0.1", description="Interface fhir-consent serve binds")
     port: int = Field(default=8000, description="Port fhir-consent serve listens on")
     workers: int = Field(
@@ -52,7 +64,8 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(
         default=10,
         ge=1,
-        description="Database connections per worker (PostgreSQL: as many again may overflow)",
+        description="Database work of requests running at once in worker threads; the pool "
+        "keeps this many connections plus 4 (audit writer, ledger relay), without overflow",
     )
     log_level: str = Field(
         default="info", description="debug, info, warning or error (libraries: warning at least)"
@@ -186,6 +199,16 @@ class Settings(BaseSettings):
         description="Seconds between two batched writes of read/search AuditEvents (the "
         "queue is flushed at shutdown)",
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError("trusted_proxies takes IP addresses or CIDR networks") from None
+        return value
 
 
 @lru_cache(maxsize=1)

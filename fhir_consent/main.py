@@ -1,9 +1,17 @@
 """ASGI entry point for uvicorn workers: ``uvicorn fhir_consent.main:app``.
 
 Settings come from the environment; importing this module builds the app (this is the one
-module whose purpose is to do that).
+module whose purpose is to do that). With ``FHIR_CONSENT_GATEWAY_UPSTREAM`` set it is the
+gateway (``fhir-consent serve --upstream URL``, docs/gateway.md).
 """
 
 from fhir_consent.app import create_app
+from fhir_consent.gateway.config import GatewaySettings
 
-app = create_app()
+_gateway = GatewaySettings()
+if _gateway.upstream:
+    from fhir_consent.gateway import create_gateway_app
+
+    app = create_gateway_app(gateway=_gateway)
+else:
+    app = create_app()

@@ -37,6 +37,13 @@ _EXPOSE_HEADERS: Final = "Location, ETag, Last-Modified, Content-Location, WWW-A
 _METHODS: Final = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
+def _route_path(scope: Scope) -> str:
+    """The path below the mount point: a host app that mounts us sets ``root_path``."""
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", ""))
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class SmartCORS:
     """Pure ASGI middleware; see the module docstring.
 
@@ -98,7 +105,7 @@ class SmartCORS:
             return
         headers = Headers(scope=scope)
         origin = headers.get("origin")
-        kind = self._kind(scope.get("path", ""))
+        kind = self._kind(_route_path(scope))
         if origin is None or kind is None:
             await self.app(scope, receive, send)
             return

@@ -3,9 +3,11 @@
 :class:`SmartResourceProtector` is authlib's :class:`~authlib.oauth2.rfc6749.ResourceProtector`
 with one validator, :class:`JWTAccessTokenValidator`: the ``Authorization: Bearer`` header is
 parsed by authlib, the token is verified with :func:`smart_on_fhir.tokens.verify_access_token`
-(precomputed public keys by ``kid`` and a cache of verified signatures, so a repeat token
-costs a dictionary look-up plus the claim checks). Expected ``aud`` (the FHIR base) and
-``iss`` come with each request, so one protector serves any host name.
+(precomputed public keys by ``kid`` and a cache of verified signatures), and the verified
+claims are kept in a bounded LRU by the token's exact bytes with the expected audience and
+issuer, until the token's ``exp``: a repeat token costs a dictionary look-up. Expected
+``aud`` (the FHIR base) and ``iss`` come with each request, so one protector serves any host
+name.
 
 Failures raise :class:`AuthenticationRequired`, which carries the RFC 6750 §3 challenge for
 the ``WWW-Authenticate`` header: no token → ``Bearer realm="…"`` without an error code; a
@@ -18,6 +20,8 @@ Revocation and deactivation are checked per request against the database with
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +32,7 @@ from authlib.oauth2.rfc6749.errors import MissingAuthorizationError, Unsupported
 from .errors import InvalidToken, SmartError
 from .keys import KeySet
 from .records import TokenState, token_state
-from .tokens import AccessTokenClaims, Timestamp, verify_access_token
+from .tokens import AccessTokenClaims, Timestamp, _seconds, verify_access_token
 
 __all__ = [
     "AuthenticationRequired",
@@ -103,12 +107,27 @@ class SmartResourceProtector(ResourceProtector):  # type: ignore[misc]
     :param leeway: seconds of clock skew allowed on ``exp``/``iat``
     """
 
-    def __init__(self, keys: Callable[[], KeySet], *, realm: str = "fhir", leeway: int = 30):
+    def __init__(
+        self,
+        keys: Callable[[], KeySet],
+        *,
+        realm: str = "fhir",
+        leeway: int = 30,
+        cache_size: int = 4096,
+    ):
         super().__init__()
         self.realm = realm
         self._keys = keys
         self._leeway = leeway
         self.register_token_validator(JWTAccessTokenValidator(keys, realm=realm, leeway=leeway))
+        # Verified claims by (token, audience, issuer): a repeat token skips the claim
+        # checks and keeps its parsed scopes. Each entry remembers the KeySet it was verified
+        # with (a rotation or a removed key verifies anew) and holds only until ``exp``.
+        self._cache_size = cache_size
+        self._verified: OrderedDict[tuple[str, str, str], tuple[KeySet, AccessTokenClaims]] = (
+            OrderedDict()
+        )
+        self._lock = threading.Lock()
 
     def authenticate(
         self,
@@ -130,10 +149,18 @@ class SmartResourceProtector(ResourceProtector):  # type: ignore[misc]
             raise AuthenticationRequired(self.realm, None) from None
         except UnsupportedTokenTypeError:
             raise AuthenticationRequired(self.realm, "invalid_request", "not_bearer") from None
+        keys = self._keys()
+        key = (token, audience, issuer)
+        if self._cache_size:
+            with self._lock:
+                hit = self._verified.get(key)
+            fresh = hit is not None and _seconds(now) - self._leeway < hit[1].expires_at
+            if hit is not None and fresh and hit[0] is keys:
+                return hit[1]
         try:
-            return verify_access_token(
+            claims = verify_access_token(
                 token,
-                keyset_or_jwks=self._keys(),
+                keyset_or_jwks=keys,
                 issuer=issuer,
                 audience=audience,
                 now=now,
@@ -141,3 +168,11 @@ class SmartResourceProtector(ResourceProtector):  # type: ignore[misc]
             )
         except InvalidToken as error:
             raise AuthenticationRequired(self.realm, "invalid_token", error.reason) from None
+        if self._cache_size:
+            claims.scopes  # noqa: B018 - parse once, while the entry lives
+            with self._lock:
+                self._verified[key] = (keys, claims)
+                self._verified.move_to_end(key)
+                while len(self._verified) > self._cache_size:
+                    self._verified.popitem(last=False)
+        return claims

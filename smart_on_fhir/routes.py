@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from authlib.oauth2.rfc6749.errors import OAuth2Error
 from fastapi import APIRouter
@@ -228,7 +229,9 @@ def build_router(auth: SmartAuth) -> APIRouter:
     insecure = auth.settings.insecure_transport
 
     def auth_path(request: Request) -> str:
-        return request.url.path.rsplit("/", 1)[0]
+        """The cookie path: the auth base's path as the browser sees it (behind a host
+        mount or a path-prefixing proxy the request's own path is not that)."""
+        return urlsplit(auth.urls_for(request).auth_base).path.rstrip("/")
 
     @router.api_route("/authorize", methods=["GET", "POST"], include_in_schema=False)
     async def authorize(request: Request) -> Response:

@@ -214,6 +214,25 @@ class RequestFilter:
         self.fhir_user = fhir_user
         self.break_glass_enabled = break_glass_enabled
 
+    def with_dependents(self, dependents: Mapping[Ref, frozenset[Ref]]) -> RequestFilter:
+        """The same filter with the ``dependents`` data references resolved elsewhere (a
+        gateway resolves them against the upstream server, where those resources live); it
+        replaces this one as the current request's filter (the audit trail explains with it)."""
+        rc = replace(self.constants, dependents=dict(dependents))
+        sql = SQLDecision(rc, self.sql.consents, self.sql.dialect)
+        out = RequestFilter(
+            sql, fhir_user=self.fhir_user, break_glass_enabled=self.break_glass_enabled
+        )
+        state = _state.get()
+        if state is not None and state.filter is self:
+            state.filter = out
+        return out
+
+    @property
+    def consents(self) -> Mapping[Ref, Sequence[CompiledConsent]]:
+        """The applicable Consents this filter decides with, per ``Patient/…``."""
+        return self.sql.consents
+
     @property
     def requesters(self) -> frozenset[Ref]:
         """The requester set of consent.md §1."""
@@ -451,11 +470,8 @@ class ConsentEnforcement:
         return out
 
     @staticmethod
-    def dependents(
-        conn: Connection, consents: Mapping[Ref, Sequence[CompiledConsent]]
-    ) -> dict[Ref, frozenset[Ref]]:
-        """For each ``data`` reference with meaning ``dependents``: what it references (its
-        searchable references), i.e. the resources that are its dependents (consent.md §3.3)."""
+    def dependent_refs(consents: Mapping[Ref, Sequence[CompiledConsent]]) -> frozenset[Ref]:
+        """Every ``data`` reference with meaning ``dependents`` in these Consents."""
         wanted: set[Ref] = set()
         for consents_of in consents.values():
             for c in consents_of:
@@ -464,6 +480,15 @@ class ConsentEnforcement:
                 for n in _walk(c._root):
                     if n.data is not None:
                         wanted |= n.data.dependents
+        return frozenset(wanted)
+
+    @staticmethod
+    def dependents(
+        conn: Connection, consents: Mapping[Ref, Sequence[CompiledConsent]]
+    ) -> dict[Ref, frozenset[Ref]]:
+        """For each ``data`` reference with meaning ``dependents``: what it references (its
+        searchable references), i.e. the resources that are its dependents (consent.md §3.3)."""
+        wanted = set(ConsentEnforcement.dependent_refs(consents))
         if not wanted:
             return {}
         by_type: dict[str, set[str]] = {}

@@ -48,7 +48,7 @@ def _media_types(header: str) -> list[str]:
 
 def check_accept(request: Request) -> None:
     """``_format`` overrides ``Accept`` (R4 http.html §3.1.0.1.5); only JSON is served."""
-    fmt = request.query_params.get("_format")
+    fmt = request.query_params.get("_format") if request.scope.get("query_string") else None
     if fmt is not None:
         if fmt.split(";")[0].strip().lower() not in _FORMAT_ALIASES:
             raise NotAcceptable("Only JSON (application/fhir+json) is supported")

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
+import anyio.to_thread
 import orjson
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy.engine import Connection
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from fhir_consent.audit import AuditSink
@@ -48,13 +48,18 @@ from fhir_consent.fhir.services import (
     ResourceService,
     WriteListener,
     WriteResult,
+    check_read_target,
     format_instant,
+    readable_current,
+    readable_version,
+    visible_current,
 )
 from fhir_consent.fhir.validation import (
     SUPPORTED_TYPES,
     is_valid_id,
     parse_json,
     parse_json_body,
+    validate_resource,
 )
 from fhir_consent.fhir.visibility import (
     ConsentEnforcer,
@@ -62,12 +67,29 @@ from fhir_consent.fhir.visibility import (
     search_restrictions,
     visibility_for,
 )
+from fhir_consent.forwarded import public_root
 from fhir_consent.requestctx import current_access
-from fhir_consent.store.db import Database
-from fhir_consent.store.repository import CurrentRow, Repository, VersionRow
+from fhir_consent.store.db import Database, DatabaseBusy
+from fhir_consent.store.repository import (
+    PG_CURRENT_SQL,
+    PG_VERSION_SQL,
+    CurrentRow,
+    Repository,
+    VersionRow,
+    current_row,
+    version_row,
+)
 from smart_on_fhir.scopes import Interaction, ScopeDecision
 
-__all__ = ["FHIRContext", "build_router", "entry_gate"]
+__all__ = [
+    "FHIRContext",
+    "Gate",
+    "build_router",
+    "entry_gate",
+    "gate_for",
+    "in_db",
+    "serve_read",
+]
 
 T = TypeVar("T")
 _PATCH_TYPES = frozenset({"application/json-patch+json"})
@@ -130,9 +152,11 @@ class FHIRContext:
             )
 
     def base(self, request: Request) -> str:
+        """The FHIR base as this request's client sees it: ``public_base_url`` when set, else
+        the request's public root (mount point, trusted proxy headers) plus ``fhir_path``."""
         if self.settings.public_base_url:
             return self.settings.public_base_url.rstrip("/")
-        return str(request.base_url).rstrip("/") + self.settings.fhir_path
+        return public_root(request) + self.settings.fhir_path.rstrip("/")
 
     def visibility(self, conn: Connection, gate: Gate) -> Visibility:
         """The request's visibility, computed inside its transaction (so a consent revoked a
@@ -153,7 +177,8 @@ class FHIRContext:
         )
 
 
-def _get_ctx(request: Request) -> FHIRContext:
+async def _get_ctx(request: Request) -> FHIRContext:
+    # async: a plain ``def`` dependency would cost a thread-pool hop on every request
     ctx: FHIRContext = request.app.state.fhir
     return ctx
 
@@ -206,36 +231,114 @@ class FHIRNotFound(FHIRError):
         super().__init__(f"Resource type '{rtype[:64]}' is not supported by this server")
 
 
+async def in_db(
+    ctx: FHIRContext,
+    gate: Gate,
+    fn: Callable[[Connection, Visibility], T],
+    *,
+    write: bool = False,
+    quick: bool = False,
+    prepare: Callable[[], object] | None = None,
+) -> T:
+    """Run ``fn`` with the request's connection and visibility, after the per-request token
+    check (a revoked token fails on its next call).
+
+    Writes run in a transaction in a worker thread. ``quick`` marks a short read of a few
+    single-statement queries (read, vread): it runs without a transaction (every statement
+    sees the latest committed data, as READ COMMITTED statements do) and, where the database
+    allows it (:attr:`Database.inline_reads`), on the event loop's own connection: a
+    primary-key look-up costs less than the hop to a worker thread. ``prepare`` runs in the
+    worker thread before the transaction opens (work that needs no database, such as
+    validating the body, then never holds SQLite's write lock)."""
+
+    def run(conn: Connection) -> T:
+        if ctx.token_check is not None and not gate.access.is_open:
+            ctx.token_check(conn, gate.access)
+        return fn(conn, ctx.visibility(conn, gate))
+
+    def threaded() -> T:
+        if prepare is not None:
+            prepare()
+        if write:
+            scope = ctx.db.write()
+        else:
+            scope = ctx.db.autocommit() if quick else ctx.db.reads()
+        with scope as conn:
+            return run(conn)
+
+    try:
+        if quick and ctx.db.inline_reads:
+            try:
+                return ctx.db.run_inline(run)
+            except DatabaseBusy:
+                pass  # the database is locked right now: wait for it in a worker thread
+        return await anyio.to_thread.run_sync(threaded, limiter=ctx.db.limiter)
+    except FHIRError as exc:
+        ctx.refused(gate, exc.hidden)
+        raise
+
+
+async def gate_for(
+    request: Request, ctx: FHIRContext, rtype: str, interaction: Interaction
+) -> Gate:
+    """Authenticate the request and decide its scopes for ``interaction`` on ``rtype``."""
+    access = await ctx.authenticate(request)
+    current_access.set(access)
+    return entry_gate(ctx, access, rtype, interaction, _AUDIT_NAMES.get(interaction))
+
+
+async def serve_read(
+    ctx: FHIRContext, request: Request, rtype: str, rid: str, vid: str | None = None
+) -> Response:
+    """R4 read (``vid`` None) or vread of one resource: the stored bytes with ETag and
+    Last-Modified. Shared by the router and :class:`~fhir_consent.fhir.fastpath.FastRead`."""
+    check_accept(request)
+    _check_type(rtype)
+    gate = await gate_for(request, ctx, rtype, Interaction.READ)
+    if gate.access.is_open and ctx.db.async_reads:
+        # No token, no consent, no audit: the read is its one query (two for vread).
+        found = await _open_read(ctx.db, rtype, rid, vid)
+        if found is not None:
+            return fhir_response(found.content, 200, _read_headers(found))
+    row: CurrentRow | VersionRow
+    if vid is None:
+        row = await in_db(
+            ctx, gate, lambda conn, vis: ctx.service(conn, vis).read(rtype, rid), quick=True
+        )
+        _audit_read(ctx, gate, "read", [row])
+    else:
+        version = vid
+        row = await in_db(
+            ctx,
+            gate,
+            lambda conn, vis: ctx.service(conn, vis).vread(rtype, rid, version),
+            quick=True,
+        )
+        _audit_read(ctx, gate, "vread", [row])
+    return fhir_response(row.content, 200, _read_headers(row))
+
+
+async def _open_read(
+    db: Database, rtype: str, rid: str, vid: str | None
+) -> CurrentRow | VersionRow | None:
+    """Read or vread for open access (development mode) on the event loop's own async
+    connections: the same checks and errors as ``ResourceService.read``/``vread``. None when
+    the connection failed (the caller reads in a worker thread instead)."""
+    number = check_read_target(rtype, rid, vid)
+    try:
+        current = current_row(await db.fetch_async(PG_CURRENT_SQL, (rtype, rid)))
+        if vid is None or number is None:
+            return readable_current(rtype, rid, current)
+        visible_current(rtype, rid, current)
+        version = version_row(await db.fetch_async(PG_VERSION_SQL, (rtype, rid, number)))
+        return readable_version(rtype, rid, vid, version)
+    except DatabaseBusy:
+        return None
+
+
 def build_router() -> APIRouter:
     """All FHIR routes, relative to the FHIR base."""
     router = APIRouter()
-
-    async def in_db(
-        ctx: FHIRContext,
-        gate: Gate,
-        fn: Callable[[Connection, Visibility], T],
-        *,
-        write: bool = False,
-    ) -> T:
-        def run() -> T:
-            scope = ctx.db.write() if write else ctx.db.read()
-            with scope as conn:
-                if ctx.token_check is not None and not gate.access.is_open:
-                    ctx.token_check(conn, gate.access)  # revoked tokens fail on their next call
-                return fn(conn, ctx.visibility(conn, gate))
-
-        try:
-            return await run_in_threadpool(run)
-        except FHIRError as exc:
-            ctx.refused(gate, exc.hidden)
-            raise
-
-    async def gate_for(
-        request: Request, ctx: FHIRContext, rtype: str, interaction: Interaction
-    ) -> Gate:
-        access = await ctx.authenticate(request)
-        current_access.set(access)
-        return entry_gate(ctx, access, rtype, interaction, _AUDIT_NAMES.get(interaction))
 
     @router.get("/metadata")
     async def metadata(request: Request, ctx: Ctx) -> Response:
@@ -267,7 +370,7 @@ def build_router() -> APIRouter:
             max_count=ctx.settings.max_page_size,
             return_minimal=parse_prefer(request).get("return") == "minimal",
         )
-        result = await run_in_threadpool(process_bundle, body, bctx)
+        result = await anyio.to_thread.run_sync(process_bundle, body, bctx, limiter=ctx.db.limiter)
         return fhir_response(result)
 
     async def _search(
@@ -325,11 +428,15 @@ def build_router() -> APIRouter:
         criteria = parse_qsl(ine.lstrip("?"), keep_blank_values=True) if ine is not None else None
 
         def run(conn: Connection, vis: Visibility) -> WriteResult:
-            result = ctx.service(conn, vis).create(rtype, resource, if_none_exist=criteria)
+            service = ctx.service(conn, vis)
+            result = service.create(rtype, resource, if_none_exist=criteria, validated=True)
             _audit_write(ctx, conn, gate, "create" if result.created else "read", result.row)
             return result
 
-        result = await in_db(ctx, gate, run, write=True)
+        def validate() -> None:
+            validate_resource(resource, rtype)
+
+        result = await in_db(ctx, gate, run, write=True, prepare=validate)
         return _written(request, ctx, result)
 
     @router.get("/{rtype}/_history")
@@ -359,12 +466,9 @@ def build_router() -> APIRouter:
 
     @router.get("/{rtype}/{rid}")
     async def read(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
-        check_accept(request)
-        _check_type(rtype)
-        gate = await gate_for(request, ctx, rtype, Interaction.READ)
-        row = await in_db(ctx, gate, lambda conn, vis: ctx.service(conn, vis).read(rtype, rid))
-        _audit_read(ctx, gate, "read", [row])
-        return fhir_response(row.content, 200, _read_headers(row))
+        return await serve_read(ctx, request, rtype, rid)
+
+    read.fhir_fast_path = "read"  # type: ignore[attr-defined]  # see fastpath.FastRead
 
     @router.put("/{rtype}/{rid}")
     async def update(rtype: str, rid: str, request: Request, ctx: Ctx) -> Response:
@@ -423,14 +527,9 @@ def build_router() -> APIRouter:
 
     @router.get("/{rtype}/{rid}/_history/{vid}")
     async def vread(rtype: str, rid: str, vid: str, request: Request, ctx: Ctx) -> Response:
-        check_accept(request)
-        _check_type(rtype)
-        gate = await gate_for(request, ctx, rtype, Interaction.READ)
-        row = await in_db(
-            ctx, gate, lambda conn, vis: ctx.service(conn, vis).vread(rtype, rid, vid)
-        )
-        _audit_read(ctx, gate, "vread", [row])
-        return fhir_response(row.content, 200, _read_headers(row))
+        return await serve_read(ctx, request, rtype, rid, vid)
+
+    vread.fhir_fast_path = "vread"  # type: ignore[attr-defined]
 
     async def _history(request: Request, ctx: Ctx, gate: Gate, rid: str | None) -> Response:
         rtype = gate.rtype

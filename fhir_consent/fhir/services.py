@@ -38,6 +38,10 @@ __all__ = [
     "AccessGuard",
     "Clock",
     "PatchSource",
+    "check_read_target",
+    "readable_current",
+    "readable_version",
+    "visible_current",
     "PreWrite",
     "ResourceService",
     "WriteEvent",
@@ -168,34 +172,18 @@ class ResourceService:
     def read(self, res_type: str, res_id: str, *, for_update: bool = False) -> CurrentRow:
         """R4 http.html §3.1.0.2 read: 404 unknown, 410 deleted. ``for_update`` locks the row
         for the rest of the transaction (read-modify-write such as PATCH)."""
-        _check_type(res_type)
-        _check_id(res_id)
+        check_read_target(res_type, res_id)
         row = self.repo.current(res_type, res_id, for_update=for_update)
-        if row is None:
-            raise NotFound(f"{res_type}/{res_id} is not known")
-        if not self._visible(row):
-            raise NotFound(f"{res_type}/{res_id} is not known", hidden=row)
-        if row.deleted:
-            raise Gone(f"{res_type}/{res_id} has been deleted", headers=_etag_headers(row))
-        return row
+        return readable_current(res_type, res_id, row, self._visible)
 
     def vread(self, res_type: str, res_id: str, version: str) -> VersionRow:
         """R4 http.html §3.1.0.3 vread: 404 unknown version, 410 deleted version."""
-        _check_type(res_type)
-        _check_id(res_id)
-        if not version.isdigit():
-            raise NotFound(f"Version '{version[:16]}' of {res_type}/{res_id} is not known")
+        number = check_read_target(res_type, res_id, version)
+        assert number is not None
         current = self.repo.current(res_type, res_id)
-        if current is None:
-            raise NotFound(f"{res_type}/{res_id} is not known")
-        if not self._visible(current):
-            raise NotFound(f"{res_type}/{res_id} is not known", hidden=current)
-        row = self.repo.version(res_type, res_id, int(version))
-        if row is None:
-            raise NotFound(f"Version {version} of {res_type}/{res_id} is not known")
-        if row.deleted:
-            raise Gone(f"Version {version} of {res_type}/{res_id} is a deletion")
-        return row
+        visible_current(res_type, res_id, current, self._visible)
+        row = self.repo.version(res_type, res_id, number)
+        return readable_version(res_type, res_id, version, row)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -206,11 +194,15 @@ class ResourceService:
         *,
         if_none_exist: Sequence[tuple[str, str]] | None = None,
         res_id: str | None = None,
+        validated: bool = False,
     ) -> WriteResult:
         """R4 http.html §3.1.0.7 create (and §3.1.0.8 conditional create). Client ids are
-        ignored; ``res_id`` is for transaction bundles that pre-assign ids."""
+        ignored; ``res_id`` is for transaction bundles that pre-assign ids. ``validated``:
+        the caller already ran :func:`validate_resource` on this very ``resource`` (outside
+        the transaction)."""
         _check_type(res_type)
-        validate_resource(resource, res_type)
+        if not validated:
+            validate_resource(resource, res_type)
         if if_none_exist is not None:
             matches = self.conditional_matches(res_type, if_none_exist)
             if len(matches) == 1:
@@ -221,13 +213,15 @@ class ResourceService:
         resource = self._prewrite(res_type, resource, None)
         now = self.clock()
         content, parsed = finalize(resource, new_id, 1, now)
-        try:
-            with self.conn.begin_nested():
-                row = self.repo.insert(
-                    res_type, new_id, content, now, self._index(res_type, new_id, parsed), "POST"
-                )
-        except IntegrityError:
-            raise Conflict(f"{res_type}/{new_id} already exists") from None
+        index = self._index(res_type, new_id, parsed)
+        if res_id is None:  # a fresh uuid4 cannot collide: no savepoint round trips
+            row = self.repo.insert(res_type, new_id, content, now, index, "POST")
+        else:
+            try:
+                with self.conn.begin_nested():
+                    row = self.repo.insert(res_type, new_id, content, now, index, "POST")
+            except IntegrityError:
+                raise Conflict(f"{res_type}/{new_id} already exists") from None
         self._notify(WriteEvent("create", None, row, parsed))
         return WriteResult(row, created=True)
 
@@ -365,6 +359,61 @@ class ResourceService:
     def _notify(self, event: WriteEvent) -> None:
         for listener in self.listeners:
             listener(self.conn, event)
+
+
+def check_read_target(res_type: str, res_id: str, version: str | None = None) -> int | None:
+    """The checks of a read or vread before any look-up: type (404), id (400) and version
+    (404 unless digits). Returns the version number."""
+    _check_type(res_type)
+    _check_id(res_id)
+    if version is None:
+        return None
+    if not version.isdigit():
+        raise NotFound(f"Version '{version[:16]}' of {res_type}/{res_id} is not known")
+    return int(version)
+
+
+def _everyone(_row: CurrentRow) -> bool:
+    return True
+
+
+def visible_current(
+    res_type: str,
+    res_id: str,
+    row: CurrentRow | None,
+    visible: Callable[[CurrentRow], bool] = _everyone,
+) -> CurrentRow:
+    """404 for an unknown resource and (auditably, with ``hidden``) for one the caller may
+    not see."""
+    if row is None:
+        raise NotFound(f"{res_type}/{res_id} is not known")
+    if not visible(row):
+        raise NotFound(f"{res_type}/{res_id} is not known", hidden=row)
+    return row
+
+
+def readable_current(
+    res_type: str,
+    res_id: str,
+    row: CurrentRow | None,
+    visible: Callable[[CurrentRow], bool] = _everyone,
+) -> CurrentRow:
+    """The outcome of a read of ``row`` (the current row or None): 404, 410 or the row."""
+    row = visible_current(res_type, res_id, row, visible)
+    if row.deleted:
+        raise Gone(f"{res_type}/{res_id} has been deleted", headers=_etag_headers(row))
+    return row
+
+
+def readable_version(
+    res_type: str, res_id: str, version: str, row: VersionRow | None
+) -> VersionRow:
+    """The outcome of a vread of ``row`` (that version or None): 404, 410 or the row."""
+    if row is None:
+        raise NotFound(f"Version {version} of {res_type}/{res_id} is not known")
+    if row.deleted:
+        raise Gone(f"Version {version} of {res_type}/{res_id} is a deletion")
+    return row
 
 
 def finalize(

@@ -13,10 +13,15 @@ from functools import cache
 from typing import Any
 
 import orjson
-from fhir.resources.R4B import get_fhir_model_class
-from pydantic import ValidationError
 
-from fhir_consent.errors import BadRequest, InvalidResource, Issue
+from fhir_consent.fhir import _validator_cache
+
+_validator_cache.install()  # before any fhir.resources model class is created
+
+from fhir.resources.R4B import get_fhir_model_class  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from fhir_consent.errors import BadRequest, InvalidResource, Issue  # noqa: E402
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -54,7 +59,7 @@ SUPPORTED_TYPES: tuple[str, ...] = (
     "Task",
 )
 
-_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-.")
+_ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 _SAFE_MESSAGES = {
     "missing": "Required element is missing",
@@ -121,7 +126,7 @@ _REQUIRED_CODES: dict[str, dict[str, frozenset[str]]] = {
 
 def is_valid_id(value: str) -> bool:
     """FHIR ``id``: ``[A-Za-z0-9\\-\\.]{1,64}`` (R4 datatypes.html#id)."""
-    return 0 < len(value) <= 64 and all(c in _ID_CHARS for c in value)
+    return _ID_RE.fullmatch(value) is not None
 
 
 def check_json_structure(data: Any, body: bytes | None = None) -> None:

@@ -115,15 +115,32 @@ class Visibility:
 
     def can_see(self, conn: Connection, row: CurrentRow) -> bool:
         """Whether one stored row is visible (same rules as searches)."""
+        if not self._in_compartment(conn, row):
+            return False
         extra = self.filters if row.res_type == self.filtered_type else None
-        predicate = _both(self._compartment(row.res_type), extra)
-        if predicate is not None:
+        if extra is not None:
             found = conn.execute(
-                sa.select(resources.c.pk).where(resources.c.pk == row.pk, predicate(resources))
+                sa.select(resources.c.pk).where(resources.c.pk == row.pk, extra(resources))
             ).first()
             if found is None:
                 return False
         return self.consent is None or self.consent.permits(conn, row)
+
+    def _in_compartment(self, conn: Connection, row: CurrentRow) -> bool:
+        """The row-level form of :meth:`_compartment`: the patient's own record, or a
+        reference from this row to the patient in one of the type's compartment params."""
+        if self.patient is None or row.res_type not in PATIENT_COMPARTMENT:
+            return True
+        if row.res_type == "Patient" and row.res_id == self.patient:
+            return True
+        params = PATIENT_COMPARTMENT[row.res_type]
+        if not params:
+            return False
+        found = conn.execute(
+            _COMPARTMENT_REFERENCE,
+            {"pk": row.pk, "t": row.res_type, "params": list(params), "pid": self.patient},
+        ).first()
+        return found is not None
 
     def can_write(self, resource_type: str, index: IndexRows, res_id: str) -> bool:
         """Whether a new version (given its index rows) stays inside the visible set."""
@@ -139,6 +156,19 @@ class Visibility:
 
 
 _EVERYTHING = Visibility(patient=None)
+
+#: Does row ``pk`` reference Patient ``pid`` in one of ``params``? (the compartment of one row)
+_COMPARTMENT_REFERENCE = (
+    sa.select(idx_reference.c.resource_pk)
+    .where(
+        idx_reference.c.resource_pk == sa.bindparam("pk"),
+        idx_reference.c.res_type == sa.bindparam("t"),
+        idx_reference.c.param.in_(sa.bindparam("params", expanding=True)),
+        idx_reference.c.target_type == "Patient",
+        idx_reference.c.target_id == sa.bindparam("pid"),
+    )
+    .limit(1)
+)
 
 
 def visibility_for(

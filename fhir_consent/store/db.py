@@ -1,23 +1,54 @@
 """Engine construction and transaction scopes for SQLite and PostgreSQL.
 
-SQLite runs in WAL mode with foreign keys on; write transactions start with ``BEGIN
-IMMEDIATE`` so that concurrent writers serialize on the database lock instead of failing
-with "database is locked" half-way through (SQLAlchemy's documented pysqlite recipe).
-PostgreSQL uses READ COMMITTED plus ``SELECT … FOR UPDATE`` on the current row for updates.
-No state lives in the process: several workers can share one PostgreSQL database.
+SQLite runs in WAL mode with ``synchronous=NORMAL`` (durable at every checkpoint, never
+corrupt) and foreign keys on; write transactions start with ``BEGIN IMMEDIATE`` so that
+concurrent writers serialize on the database lock instead of failing with "database is
+locked" half-way through (SQLAlchemy's documented pysqlite recipe). PostgreSQL uses READ
+COMMITTED plus ``SELECT … FOR UPDATE`` on the current row for updates. No state lives in the
+process: several workers can share one PostgreSQL database.
+
+Connections are pooled without overflow: the pool holds ``pool_size`` connections for request
+work plus :data:`RESERVE` for background writers (audit trail, ledger relay) and nested use,
+and :attr:`Database.limiter` bounds concurrent request work to ``pool_size``, so a burst of
+requests waits for a connection instead of opening and closing extra ones (PostgreSQL forks a
+backend per connection). Checkouts are not pinged; a connection idle for longer than
+``ping_after`` seconds is checked once before use, and a failed query on a dropped connection
+invalidates the pool (SQLAlchemy's disconnect handling).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["Database", "json_deserializer", "json_serializer", "normalize_url"]
+__all__ = [
+    "RESERVE",
+    "Database",
+    "DatabaseBusy",
+    "json_deserializer",
+    "json_serializer",
+    "normalize_url",
+]
+
+T = TypeVar("T")
+
+#: Seconds a SQLite writer waits for this process's other writers (= the busy timeout).
+_WRITE_WAIT = 30.0
+#: SQLite result codes meaning "another connection holds the lock".
+_SQLITE_BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+
+#: Connections kept beyond ``pool_size`` for background threads and nested checkouts.
+RESERVE = 4
 
 
 def json_serializer(value: Any) -> str:
@@ -42,48 +73,278 @@ def normalize_url(url: str) -> str:
     return url
 
 
-class Database:
-    """Owns the engine; hands out read and write connections."""
+class DatabaseBusy(Exception):
+    """An inline read found the SQLite database locked: run it in a worker thread instead,
+    where it may wait for the lock without stalling the event loop."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
+
+class Database:
+    """Owns the engine; hands out read and write connections.
+
+    :param pool_size: connections for concurrent request work (see :attr:`limiter`)
+    :param ping_after: seconds of idleness after which a connection is checked before use
+    :param inline_reads: let :meth:`run_inline` run short reads on the calling thread's own
+        connection (default: on SQLite, where a read is an in-process call that never waits
+        on the network; PostgreSQL reads go to worker threads)
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        echo: bool = False,
+        ping_after: float = 30.0,
+        inline_reads: bool | None = None,
+    ) -> None:
         self.url = normalize_url(url)
+        self.pool_size = pool_size
         kwargs: dict[str, Any] = {
             "json_serializer": json_serializer,
             "json_deserializer": json_deserializer,
             "echo": echo,
+            "pool_size": pool_size + RESERVE,
+            "max_overflow": 0,
+            "poolclass": sa.QueuePool,
         }
         if self.url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-            kwargs["pool_size"] = pool_size
-            kwargs["poolclass"] = sa.QueuePool
         else:
-            kwargs["pool_size"] = pool_size
-            kwargs["max_overflow"] = pool_size
-            kwargs["pool_pre_ping"] = True
+            kwargs["pool_recycle"] = 3600
         self.engine: Engine = sa.create_engine(self.url, **kwargs)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
         if self.is_sqlite:
             _configure_sqlite(self.engine)
+        else:
+            _ping_when_idle(self.engine, ping_after)
+        self.inline_reads = self.is_sqlite if inline_reads is None else inline_reads
+        #: PostgreSQL: single-query reads without a thread hop (:meth:`fetch_async`)
+        self.async_reads = not self.is_sqlite
+        self._async_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncPool] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._async_size = max(2, min(pool_size, 8))
+        self._write_lock = threading.RLock() if self.is_sqlite else None
+        # Connections of run_inline, one per thread, outside the pool (a thread that ends
+        # must not keep a pooled connection checked out): thread id -> (thread, connection).
+        self._inline_engine: Engine | None = None
+        self._inline: dict[int, tuple[weakref.ref[threading.Thread], Connection]] = {}
+        self._inline_lock = threading.Lock()
+        self._inline_kwargs = {
+            k: v for k, v in kwargs.items() if not k.startswith(("pool", "max_"))
+        }
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        """Bounds request work running in worker threads to ``pool_size``; one limiter per
+        event loop (created on first use inside it)."""
+        loop = asyncio.get_running_loop()
+        limiter = self._limiters.get(loop)
+        if limiter is None:
+            limiter = self._limiters[loop] = anyio.CapacityLimiter(self.pool_size)
+        return limiter
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """A write transaction: committed on success, rolled back on any exception."""
-        with self.engine.connect() as conn:
+        """A write transaction: committed on success, rolled back on any exception.
+
+        On SQLite, writers of this process queue on a lock before ``BEGIN IMMEDIATE``: the
+        database admits one writer at a time anyway, and SQLite's own busy handler makes the
+        others poll with sleeps of up to 100 ms, which collapses throughput under concurrent
+        writes (writers in other processes still meet the busy timeout)."""
+        with self._writer(), self.engine.connect() as conn:
             conn = conn.execution_options(fhir_write=True)
             with conn.begin():
                 yield conn
 
     @contextmanager
+    def _writer(self) -> Iterator[None]:
+        if self._write_lock is None:
+            yield
+            return
+        if not self._write_lock.acquire(timeout=_WRITE_WAIT):
+            raise DatabaseBusy()  # as SQLite's busy timeout would have failed
+        try:
+            yield
+        finally:
+            self._write_lock.release()
+
+    @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A read-only transaction (a consistent snapshot for multi-statement reads)."""
+        """A read-only transaction (a consistent snapshot for multi-statement reads on
+        SQLite; READ COMMITTED on PostgreSQL)."""
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
+    @contextmanager
+    def reads(self) -> Iterator[Connection]:
+        """A connection for a read-only request of several statements: on SQLite a read
+        transaction (one snapshot for all of them); on PostgreSQL no transaction at all — at
+        READ COMMITTED every statement takes its own snapshot inside a transaction too, so
+        ``BEGIN``/``COMMIT`` would only add two round trips."""
+        scope = self.read() if self.is_sqlite else self.autocommit()
+        with scope as conn:
+            yield conn
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """A connection without a transaction, for reads that are one statement each (no
+        ``BEGIN``/``COMMIT`` round trips; every statement sees the latest committed data)."""
+        with self.engine.connect() as conn:
+            if self.is_sqlite:  # pysqlite's own AUTOCOMMIT switch would reset to implicit BEGINs
+                yield conn.execution_options(fhir_autocommit=True)
+            else:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    def run_inline(self, fn: Callable[[Connection], T]) -> T:
+        """Run a short read ``fn`` on this thread's own connection, without a transaction
+        (each statement commits on its own) and without a pool checkout.
+
+        :raises DatabaseBusy: SQLite is locked by another connection (nothing was served;
+            retry with :meth:`autocommit` in a worker thread)
+        """
+        conn = self._inline_connection()
+        try:
+            return fn(conn)
+        except sa.exc.OperationalError as exc:
+            if getattr(exc.orig, "sqlite_errorcode", None) in _SQLITE_BUSY_CODES:
+                raise DatabaseBusy() from None
+            raise
+        finally:
+            self._release_inline(conn)
+
+    def _inline_connection(self) -> Connection:
+        entry = self._inline.get(threading.get_ident())
+        if entry is not None and entry[0]() is threading.current_thread():
+            conn = entry[1]
+            if not conn.closed and not conn.invalidated:
+                return conn
+        with self._inline_lock:
+            if self._inline_engine is None:
+                self._inline_engine = sa.create_engine(
+                    self.url, poolclass=sa.NullPool, **self._inline_kwargs
+                )
+                if self.is_sqlite:
+                    _configure_sqlite(self._inline_engine, busy_timeout=0)
+            for ident, (thread, old) in list(self._inline.items()):
+                alive = thread()
+                if alive is None or not alive.is_alive() or ident == threading.get_ident():
+                    del self._inline[ident]
+                    old.close()
+            conn = self._inline_engine.connect()
+            if self.is_sqlite:
+                conn = conn.execution_options(fhir_autocommit=True)
+            else:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            self._inline[threading.get_ident()] = (weakref.ref(threading.current_thread()), conn)
+        return conn
+
+    def _release_inline(self, conn: Connection) -> None:
+        """End SQLAlchemy's (empty) transaction; forget a connection that broke."""
+        try:
+            conn.rollback()
+        except sa.exc.SQLAlchemyError:
+            pass
+        if conn.invalidated or conn.closed:
+            with self._inline_lock:
+                entry = self._inline.get(threading.get_ident())
+                if entry is not None and entry[1] is conn:
+                    del self._inline[threading.get_ident()]
+            conn.close()
+
+    async def fetch_async(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """One row of a fixed query, on this event loop's own PostgreSQL connections (psycopg
+        async, autocommit): a read that is one statement waits on the socket instead of
+        hopping to a worker thread.
+
+        :raises DatabaseBusy: the connection failed (nothing was served: retry the read in a
+            worker thread, where SQLAlchemy reports or reconnects)
+        """
+        loop = asyncio.get_running_loop()
+        pool = self._async_pools.get(loop)
+        if pool is None:
+            _args, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
+            pool = self._async_pools[loop] = _AsyncPool(dict(kwargs), self._async_size)
+        return await pool.fetchone(sql, params)
+
     def dispose(self) -> None:
+        for pool in list(self._async_pools.values()):
+            pool.close()
+        self._async_pools.clear()
+        with self._inline_lock:
+            for _thread, conn in self._inline.values():
+                conn.close()
+            self._inline.clear()
+            if self._inline_engine is not None:
+                self._inline_engine.dispose()
         self.engine.dispose()
 
 
-def _configure_sqlite(engine: Engine) -> None:
+class _AsyncPool:
+    """A few psycopg ``AsyncConnection`` objects (autocommit) of one event loop, each with its
+    cursor; connected on first use, dropped when a query fails."""
+
+    def __init__(self, connect_kwargs: dict[str, Any], size: int) -> None:
+        self.kwargs = {**connect_kwargs, "autocommit": True}
+        self.slots: asyncio.Queue[Any] = asyncio.Queue()
+        for _ in range(size):
+            self.slots.put_nowait(None)
+        self.open: set[Any] = set()
+
+    async def fetchone(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        import psycopg
+
+        entry = await self.slots.get()
+        try:
+            if entry is None:
+                conn = await psycopg.AsyncConnection.connect(**self.kwargs)
+                entry = (conn, conn.cursor())
+                self.open.add(conn)
+            cursor = entry[1]
+            await cursor.execute(sql, params)
+            row: tuple[Any, ...] | None = await cursor.fetchone()
+            return row
+        except psycopg.Error:
+            if entry is not None:
+                self.open.discard(entry[0])
+                entry[0].pgconn.finish()
+                entry = None
+            raise DatabaseBusy() from None
+        finally:
+            self.slots.put_nowait(entry)
+
+    def close(self) -> None:
+        """Close every connection (from any thread: the sockets are closed directly)."""
+        for conn in list(self.open):
+            conn.pgconn.finish()
+        self.open.clear()
+
+
+def _ping_when_idle(engine: Engine, ping_after: float) -> None:
+    """Check a connection before use only when it sat idle in the pool for a while (instead
+    of ``pool_pre_ping``, which costs a round trip on every checkout)."""
+
+    @sa.event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < ping_after:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception:  # noqa: BLE001 - any failure means "reconnect"
+            alive = False
+        if not alive:
+            raise sa.exc.DisconnectionError()  # the pool retries with a fresh connection
+
+
+def _configure_sqlite(engine: Engine, busy_timeout: int = 30000) -> None:
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
@@ -91,10 +352,19 @@ def _configure_sqlite(engine: Engine) -> None:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout)}")
+        # Fewer, larger checkpoints (each one fsyncs) and a page cache that holds the hot
+        # index pages of a write; reads of the file go through the OS page cache by mmap.
+        cur.execute("PRAGMA wal_autocheckpoint=4000")
+        cur.execute("PRAGMA cache_size=-16384")
+        cur.execute("PRAGMA mmap_size=268435456")
+        cur.execute("PRAGMA temp_store=MEMORY")
         cur.close()
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        write = conn.get_execution_options().get("fhir_write", False)
+        options = conn.get_execution_options()
+        if options.get("fhir_autocommit", False):
+            return  # no transaction: each statement commits on its own
+        write = options.get("fhir_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

@@ -24,7 +24,18 @@ from fhir_consent.store.tables import (
     resources,
 )
 
-__all__ = ["ConcurrentUpdate", "CurrentRow", "Repository", "VersionRow"]
+__all__ = [
+    "PG_CURRENT_SQL",
+    "PG_VERSION_SQL",
+    "ConcurrentUpdate",
+    "CurrentRow",
+    "Repository",
+    "VersionRow",
+    "current_row",
+    "driver_cursor",
+    "index_rows",
+    "version_row",
+]
 
 _MAX_TEXT = 512
 _INDEX_TABLES = (idx_token, idx_string, idx_reference, idx_date)
@@ -81,9 +92,61 @@ _VERSION_COLS = (
     resource_versions.c.content,
 )
 
-_SELECT_CURRENT = sa.select(*_CURRENT_COLS).where(
-    resources.c.res_type == sa.bindparam("t"), resources.c.res_id == sa.bindparam("i")
+_CURRENT_SQL = (
+    "SELECT pk, res_type, res_id, version_id, last_updated, deleted, content{cast} "
+    "FROM resources WHERE res_type = {p} AND res_id = {p}"
 )
+_SQLITE_CURRENT = _CURRENT_SQL.format(cast="", p="?")
+_PG_CURRENT = _CURRENT_SQL.format(cast="::text", p="%s")
+_PG_CURRENT_FOR_UPDATE = _PG_CURRENT + " FOR UPDATE"
+_VERSION_SQL = (
+    "SELECT seq, res_type, res_id, version_id, last_updated, deleted, method, content{cast} "
+    "FROM resource_versions WHERE res_type = {p} AND res_id = {p} AND version_id = {p}"
+)
+_SQLITE_VERSION_ROW = _VERSION_SQL.format(cast="", p="?")
+_PG_VERSION = _VERSION_SQL.format(cast="::text", p="%s")
+
+
+#: The driver-level queries of :meth:`Repository.current` / :meth:`Repository.version` on
+#: PostgreSQL, parameters ``(res_type, res_id[, version_id])`` (for async connections).
+PG_CURRENT_SQL = _PG_CURRENT
+PG_VERSION_SQL = _PG_VERSION
+
+
+def current_row(row: tuple[Any, ...] | None) -> CurrentRow | None:
+    """A :class:`CurrentRow` from a driver row of the current-row query."""
+    if row is None:
+        return None
+    pk, rtype, rid, vid, updated, deleted, content = row
+    stored = _stored(content) if content is not None else None
+    return CurrentRow(pk, rtype, rid, vid, updated, bool(deleted), stored)
+
+
+def version_row(row: tuple[Any, ...] | None) -> VersionRow | None:
+    """A :class:`VersionRow` from a driver row of the version query."""
+    if row is None:
+        return None
+    seq, rtype, rid, vid, updated, deleted, method, content = row
+    stored = _stored(content) if content is not None else None
+    return VersionRow(seq, rtype, rid, vid, updated, bool(deleted), method, stored)
+
+
+def driver_cursor(conn: Connection) -> Any:
+    """A driver cursor kept with the pooled connection for fixed hot-path queries (creating a
+    cursor per query costs as much as a primary-key look-up on psycopg)."""
+    fairy = conn.connection
+    dbapi_conn = fairy.dbapi_connection
+    cached = fairy.info.get("fhir_cursor")
+    if cached is not None and cached[0] is dbapi_conn:
+        return cached[1]
+    cursor = dbapi_conn.cursor()  # type: ignore[union-attr]
+    fairy.info["fhir_cursor"] = (dbapi_conn, cursor)
+    return cursor
+
+
+def _stored(content: str | bytes) -> bytes:
+    """Stored JSON as bytes (as the engine's ``json_deserializer`` hands it back)."""
+    return content.encode("utf-8") if isinstance(content, str) else bytes(content)
 
 
 def _visible_versions(restrict: Any) -> Any:
@@ -144,11 +207,25 @@ class Repository:
 
     def current(self, res_type: str, res_id: str, *, for_update: bool = False) -> CurrentRow | None:
         """The current row, locked for update on PostgreSQL when ``for_update``."""
-        stmt = _SELECT_CURRENT
-        if for_update and self.is_postgres:
-            stmt = stmt.with_for_update()
-        row = self.conn.execute(stmt, {"t": res_type, "i": res_id}).first()
-        return CurrentRow(*row) if row is not None else None
+        if self.is_postgres:
+            sql = _PG_CURRENT_FOR_UPDATE if for_update else _PG_CURRENT
+        else:
+            sql = _SQLITE_CURRENT
+        return current_row(self._fetchone(sql, (res_type, res_id)))
+
+    def _fetchone(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """One row of a fixed single-table query, straight from the driver: SQLAlchemy's
+        execution layer costs several times the look-up itself on these hot paths (read,
+        the current row of every write). Driver errors are replayed through SQLAlchemy, so
+        disconnects invalidate the connection and errors are wrapped as everywhere else."""
+        try:
+            cursor = driver_cursor(self.conn)
+            cursor.execute(sql, params)
+            found: tuple[Any, ...] | None = cursor.fetchone()
+        except self.conn.dialect.loaded_dbapi.Error:
+            result = self.conn.exec_driver_sql(sql, params).first()
+            return tuple(result) if result is not None else None
+        return found
 
     def current_many(self, res_type: str, ids: Iterable[str]) -> list[CurrentRow]:
         """Current, non-deleted rows for the given ids (unknown ids are skipped)."""
@@ -172,14 +249,12 @@ class Repository:
         return [by_pk[pk] for pk in pks if pk in by_pk]
 
     def version(self, res_type: str, res_id: str, version_id: int) -> VersionRow | None:
-        row = self.conn.execute(
-            sa.select(*_VERSION_COLS).where(
-                resource_versions.c.res_type == res_type,
-                resource_versions.c.res_id == res_id,
-                resource_versions.c.version_id == version_id,
+        return version_row(
+            self._fetchone(
+                _PG_VERSION if self.is_postgres else _SQLITE_VERSION_ROW,
+                (res_type, res_id, version_id),
             )
-        ).first()
-        return VersionRow(*row) if row is not None else None
+        )
 
     def history(
         self,
@@ -228,21 +303,49 @@ class Repository:
     def insert(
         self, res_type: str, res_id: str, content: bytes, now: int, index: IndexRows, method: str
     ) -> CurrentRow:
-        """Create version 1 of a new resource. Raises IntegrityError if the id exists."""
-        pk = self.conn.execute(
-            resources.insert().returning(resources.c.pk),
-            {
-                "res_type": res_type,
-                "res_id": res_id,
-                "version_id": 1,
-                "last_updated": now,
-                "deleted": False,
-                "content": content,
-            },
-        ).scalar_one()
-        self._append_version(res_type, res_id, 1, now, False, method, content)
-        self._write_index(pk, res_type, index)
+        """Create version 1 of a new resource. Raises IntegrityError if the id exists.
+
+        PostgreSQL: one statement (data-modifying CTEs, index rows as ``unnest`` arrays), so a
+        create is one round trip. SQLite: one ``executemany`` per index table."""
+        text = content.decode("utf-8")
+        if self.is_postgres:
+            params = {"t": res_type, "i": res_id, "now": now, "m": method, "c": text}
+            params.update(_index_arrays(index))
+            pk = int(self.conn.exec_driver_sql(_PG_INSERT, params).scalar_one())
+            return CurrentRow(pk, res_type, res_id, 1, now, False, content)
+        result = self.conn.exec_driver_sql(_SQLITE_INSERT, (res_type, res_id, 1, now, 0, text))
+        pk = result.lastrowid
+        assert pk is not None
+        self.conn.exec_driver_sql(_SQLITE_VERSION, (res_type, res_id, 1, now, 0, method, text))
+        self._write_index_sqlite(pk, res_type, index)
         return CurrentRow(pk, res_type, res_id, 1, now, False, content)
+
+    def insert_many(
+        self, items: Sequence[tuple[str, str, bytes, int, IndexRows, str]]
+    ) -> list[CurrentRow]:
+        """Create version 1 of several new resources, each ``(res_type, res_id, content, now,
+        index, method)`` as for :meth:`insert` (same rows; for batched writers such as the
+        audit trail). SQLite: one ``executemany`` per table for the whole batch."""
+        if self.is_postgres:
+            return [self.insert(*item) for item in items]
+        out: list[CurrentRow] = []
+        versions: list[tuple[Any, ...]] = []
+        per_table: dict[str, list[tuple[Any, ...]]] = {}
+        for res_type, res_id, content, now, index, method in items:
+            text = content.decode("utf-8")
+            result = self.conn.exec_driver_sql(_SQLITE_INSERT, (res_type, res_id, 1, now, 0, text))
+            pk = result.lastrowid
+            assert pk is not None
+            versions.append((res_type, res_id, 1, now, 0, method, text))
+            for sql, rows in _index_tuples(pk, res_type, index):
+                per_table.setdefault(sql, []).extend(rows)
+            out.append(CurrentRow(pk, res_type, res_id, 1, now, False, content))
+        if versions:
+            self.conn.exec_driver_sql(_SQLITE_VERSION, versions)
+        for sql, rows in per_table.items():
+            if rows:
+                self.conn.exec_driver_sql(sql, rows)
+        return out
 
     def write_version(
         self,
@@ -256,93 +359,184 @@ class Repository:
         vid = current.version_id + 1
         deleted = content is None
         now = max(now, current.last_updated + 1)  # lastUpdated strictly increases per resource
-        result = self.conn.execute(
-            resources.update()
-            .where(resources.c.pk == current.pk, resources.c.version_id == current.version_id)
-            .values(version_id=vid, last_updated=now, deleted=deleted, content=content)
-        )
-        if result.rowcount != 1:
-            raise ConcurrentUpdate()
-        self._append_version(current.res_type, current.res_id, vid, now, deleted, method, content)
-        self._clear_index(current.pk)
-        if index is not None:
-            self._write_index(current.pk, current.res_type, index)
-        return CurrentRow(current.pk, current.res_type, current.res_id, vid, now, deleted, content)
+        text = content.decode("utf-8") if content is not None else None
+        rtype, rid = current.res_type, current.res_id
+        if self.is_postgres:
+            params: dict[str, Any] = {
+                "pk": current.pk,
+                "old": current.version_id,
+                "v": vid,
+                "now": now,
+                "del": deleted,
+                "c": text,
+                "t": rtype,
+                "i": rid,
+                "m": method,
+            }
+            params.update(_index_arrays(index or _NO_INDEX))
+            if int(self.conn.exec_driver_sql(_PG_UPDATE, params).scalar_one()) != 1:
+                raise ConcurrentUpdate()
+        else:
+            result = self.conn.exec_driver_sql(
+                _SQLITE_UPDATE, (vid, now, int(deleted), text, current.pk, current.version_id)
+            )
+            if result.rowcount != 1:
+                raise ConcurrentUpdate()
+            self.conn.exec_driver_sql(
+                _SQLITE_VERSION, (rtype, rid, vid, now, int(deleted), method, text)
+            )
+            for table in _INDEX_TABLES:
+                self.conn.exec_driver_sql(
+                    f"DELETE FROM {table.name} WHERE resource_pk = ?", (current.pk,)
+                )
+            if index is not None:
+                self._write_index_sqlite(current.pk, rtype, index)
+        return CurrentRow(current.pk, rtype, rid, vid, now, deleted, content)
 
-    def _append_version(
-        self,
-        res_type: str,
-        res_id: str,
-        vid: int,
-        now: int,
-        deleted: bool,
-        method: str,
-        content: bytes | None,
-    ) -> None:
-        self.conn.execute(
-            resource_versions.insert(),
-            {
-                "res_type": res_type,
-                "res_id": res_id,
-                "version_id": vid,
-                "last_updated": now,
-                "deleted": deleted,
-                "method": method,
-                "content": content,
-            },
-        )
+    def _write_index_sqlite(self, pk: int, res_type: str, index: IndexRows) -> None:
+        for sql, rows in _index_tuples(pk, res_type, index):
+            if rows:
+                self.conn.exec_driver_sql(sql, rows)
 
-    def _clear_index(self, pk: int) -> None:
-        for table in _INDEX_TABLES:
-            self.conn.execute(table.delete().where(table.c.resource_pk == pk))
 
-    def insert_many(
-        self, res_type: str, items: Sequence[tuple[str, bytes, int, IndexRows]], method: str
-    ) -> int:
-        """Create version 1 of many new resources of one type — ``(res_id, content, now,
-        index)`` each — with one multi-row statement per table instead of several statements
-        per resource (the audit trail's batches: its write transaction, and so SQLite's write
-        lock, stays short). Same rows as :meth:`insert` for each item."""
-        if not items:
-            return 0
-        pks = self.conn.execute(
-            resources.insert().returning(resources.c.pk, sort_by_parameter_order=True),
+_NO_INDEX = IndexRows()
+
+_SQLITE_INSERT = (
+    "INSERT INTO resources (res_type, res_id, version_id, last_updated, deleted, content) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_SQLITE_VERSION = (
+    "INSERT INTO resource_versions "
+    "(res_type, res_id, version_id, last_updated, deleted, method, content) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_SQLITE_UPDATE = (
+    "UPDATE resources SET version_id = ?, last_updated = ?, deleted = ?, content = ? "
+    "WHERE pk = ? AND version_id = ?"
+)
+_SQLITE_INDEX = {
+    "idx_token": "INSERT INTO idx_token (resource_pk, res_type, param, system, code, text) "
+    "VALUES (?, ?, ?, ?, ?, ?)",
+    "idx_string": "INSERT INTO idx_string (resource_pk, res_type, param, value, exact) "
+    "VALUES (?, ?, ?, ?, ?)",
+    "idx_reference": "INSERT INTO idx_reference "
+    "(resource_pk, res_type, param, target_type, target_id, url) VALUES (?, ?, ?, ?, ?, ?)",
+    "idx_date": "INSERT INTO idx_date (resource_pk, res_type, param, low, high) "
+    "VALUES (?, ?, ?, ?, ?)",
+}
+
+
+def _index_tuples(
+    pk: int, res_type: str, index: IndexRows
+) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """The index rows of ``index`` as positional tuples, per table."""
+    return [
+        (
+            _SQLITE_INDEX["idx_token"],
             [
-                {
-                    "res_type": res_type,
-                    "res_id": rid,
-                    "version_id": 1,
-                    "last_updated": now,
-                    "deleted": False,
-                    "content": content,
-                }
-                for rid, content, now, _ in items
+                (pk, res_type, r.param, _cut(r.system), _cut(r.code), _cut(r.text))
+                for r in index.tokens
             ],
-        ).scalars().all()
-        self.conn.execute(
-            resource_versions.insert(),
+        ),
+        (
+            _SQLITE_INDEX["idx_string"],
+            [(pk, res_type, r.param, _cut(r.value), _cut(r.exact)) for r in index.strings],
+        ),
+        (
+            _SQLITE_INDEX["idx_reference"],
             [
-                {
-                    "res_type": res_type,
-                    "res_id": rid,
-                    "version_id": 1,
-                    "last_updated": now,
-                    "deleted": False,
-                    "method": method,
-                    "content": content,
-                }
-                for rid, content, now, _ in items
+                (pk, res_type, r.param, r.target_type, _cut(r.target_id), r.url[:1024])
+                for r in index.references
             ],
-        )
-        rows: dict[sa.Table, list[dict[str, Any]]] = {}
-        for pk, (_, _, _, index) in zip(pks, items, strict=True):
-            _index_values(pk, res_type, index, rows)
-        for table, values in rows.items():
-            self.conn.execute(table.insert(), values)
-        return len(items)
+        ),
+        (
+            _SQLITE_INDEX["idx_date"],
+            [(pk, res_type, r.param, r.low, r.high) for r in index.dates],
+        ),
+    ]
 
-    def _write_index(self, pk: int, res_type: str, index: IndexRows) -> None:
-        rows: dict[sa.Table, list[dict[str, Any]]] = {}
-        _index_values(pk, res_type, index, rows)
-        for table, values in rows.items():
-            self.conn.execute(table.insert(), values)
+
+def index_rows(pk: int, res_type: str, index: IndexRows) -> dict[str, list[dict[str, Any]]]:
+    """The rows a resource's ``index`` adds to each index table (by table name), exactly as
+    :meth:`Repository.insert` writes them (for bulk loaders)."""
+    names = {
+        "idx_token": ("system", "code", "text"),
+        "idx_string": ("value", "exact"),
+        "idx_reference": ("target_type", "target_id", "url"),
+        "idx_date": ("low", "high"),
+    }
+    out: dict[str, list[dict[str, Any]]] = {}
+    for (sql, rows), table in zip(_index_tuples(pk, res_type, index), _INDEX_TABLES, strict=True):
+        assert table.name in sql
+        cols = ("resource_pk", "res_type", "param", *names[table.name])
+        out[table.name] = [dict(zip(cols, row, strict=True)) for row in rows]
+    return out
+
+
+def _index_arrays(index: IndexRows) -> dict[str, list[Any]]:
+    """Column arrays of the index rows, for the ``unnest`` inserts on PostgreSQL."""
+    return {
+        "tp": [r.param for r in index.tokens],
+        "ts": [_cut(r.system) for r in index.tokens],
+        "tc": [_cut(r.code) for r in index.tokens],
+        "tx": [_cut(r.text) for r in index.tokens],
+        "sp": [r.param for r in index.strings],
+        "sv": [_cut(r.value) for r in index.strings],
+        "se": [_cut(r.exact) for r in index.strings],
+        "rp": [r.param for r in index.references],
+        "rt": [r.target_type for r in index.references],
+        "ri": [_cut(r.target_id) for r in index.references],
+        "ru": [r.url[:1024] for r in index.references],
+        "dp": [r.param for r in index.dates],
+        "dl": [r.low for r in index.dates],
+        "dh": [r.high for r in index.dates],
+    }
+
+
+def _pg_index_ctes(source: str) -> str:
+    """CTEs inserting the ``unnest``-ed index arrays for the row(s) of CTE ``source``."""
+    return f"""
+xt AS (INSERT INTO idx_token (resource_pk, res_type, param, system, code, text)
+  SELECT {source}.pk, %(t)s, x.* FROM {source},
+    unnest(%(tp)s::text[], %(ts)s::text[], %(tc)s::text[], %(tx)s::text[]) AS x),
+xs AS (INSERT INTO idx_string (resource_pk, res_type, param, value, exact)
+  SELECT {source}.pk, %(t)s, x.* FROM {source},
+    unnest(%(sp)s::text[], %(sv)s::text[], %(se)s::text[]) AS x),
+xr AS (INSERT INTO idx_reference (resource_pk, res_type, param, target_type, target_id, url)
+  SELECT {source}.pk, %(t)s, x.* FROM {source},
+    unnest(%(rp)s::text[], %(rt)s::text[], %(ri)s::text[], %(ru)s::text[]) AS x),
+xd AS (INSERT INTO idx_date (resource_pk, res_type, param, low, high)
+  SELECT {source}.pk, %(t)s, x.* FROM {source},
+    unnest(%(dp)s::text[], %(dl)s::bigint[], %(dh)s::bigint[]) AS x)"""
+
+
+#: One create on PostgreSQL: the current row, version 1 and every index row in one statement.
+_PG_INSERT = (
+    """WITH r AS (
+  INSERT INTO resources (res_type, res_id, version_id, last_updated, deleted, content)
+  VALUES (%(t)s, %(i)s, 1, %(now)s, false, %(c)s::jsonb) RETURNING pk, content),
+v AS (INSERT INTO resource_versions
+    (res_type, res_id, version_id, last_updated, deleted, method, content)
+  SELECT %(t)s, %(i)s, 1, %(now)s, false, %(m)s, r.content FROM r),"""
+    + _pg_index_ctes("r")
+    + "\nSELECT pk FROM r"
+)
+
+#: One new version on PostgreSQL: the guarded update of the current row (0 rows when another
+#: writer got there first: then nothing else happens), the version row and the index rows
+#: replaced (the DELETEs see the statement's snapshot, so they never touch the new rows).
+_PG_UPDATE = (
+    """WITH u AS (
+  UPDATE resources SET version_id = %(v)s, last_updated = %(now)s, deleted = %(del)s,
+    content = %(c)s::jsonb
+  WHERE pk = %(pk)s AND version_id = %(old)s RETURNING pk, content),
+v AS (INSERT INTO resource_versions
+    (res_type, res_id, version_id, last_updated, deleted, method, content)
+  SELECT %(t)s, %(i)s, %(v)s, %(now)s, %(del)s, %(m)s, u.content FROM u),
+d1 AS (DELETE FROM idx_token WHERE resource_pk IN (SELECT pk FROM u)),
+d2 AS (DELETE FROM idx_string WHERE resource_pk IN (SELECT pk FROM u)),
+d3 AS (DELETE FROM idx_reference WHERE resource_pk IN (SELECT pk FROM u)),
+d4 AS (DELETE FROM idx_date WHERE resource_pk IN (SELECT pk FROM u)),"""
+    + _pg_index_ctes("u")
+    + "\nSELECT count(*) FROM u"
+)

@@ -189,7 +189,17 @@ def date_predicate(
     raise ValueError(q.prefix)
 
 
-def _in_index(table: sa.Table, param: str, res_type: str, *where: Any) -> ColumnElement[bool]:
+def _in_index(
+    table: sa.Table, param: str, res_type: str, *where: Any, correlated: bool = False
+) -> ColumnElement[bool]:
+    """``pk IN (SELECT resource_pk FROM idx_… WHERE …)``, or with ``correlated`` the
+    equivalent ``EXISTS (… WHERE resource_pk = resources.pk …)``, which SQLite checks per
+    candidate row through the ``(resource_pk, param)`` index instead of materialising every
+    index row of the parameter (PostgreSQL plans both as the same semi-join)."""
+    if correlated:
+        return sa.exists().where(
+            table.c.resource_pk == R.pk, table.c.param == param, *where
+        )
     sub = sa.select(table.c.resource_pk).where(
         table.c.res_type == res_type, table.c.param == param, *where
     )
@@ -212,7 +222,10 @@ def _like_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _condition(cond: Condition, res_type: str, now: int) -> ColumnElement[bool]:
+def _condition(
+    cond: Condition, res_type: str, now: int, correlated: bool = False
+) -> ColumnElement[bool]:
+    c = correlated
     match cond:
         case IdCond(ids):
             return R.res_id.in_(list(ids))
@@ -227,7 +240,7 @@ def _condition(cond: Condition, res_type: str, now: int) -> ColumnElement[bool]:
                 ors = [t.text.like(_like_escape(v) + "%", escape="\\") for v in text]
             else:
                 ors = [_token_match(q) for q in queries]
-            inner = _in_index(idx_token, param, res_type, sa.or_(*ors))
+            inner = _in_index(idx_token, param, res_type, sa.or_(*ors), correlated=c)
             return sa.not_(inner) if negate else inner
         case StringCond(param, values, mode):
             s = idx_string.c
@@ -238,7 +251,7 @@ def _condition(cond: Condition, res_type: str, now: int) -> ColumnElement[bool]:
                 sors = [s.value.like("%" + _like_escape(v) + "%", escape="\\") for v in values]
             else:
                 sors = [s.value.like(_like_escape(v) + "%", escape="\\") for v in values]
-            return _in_index(idx_string, param, res_type, sa.or_(*sors))
+            return _in_index(idx_string, param, res_type, sa.or_(*sors), correlated=c)
         case ReferenceCond(param, queries):
             r = idx_reference.c
             rors: list[ColumnElement[bool]] = []
@@ -250,7 +263,9 @@ def _condition(cond: Condition, res_type: str, now: int) -> ColumnElement[bool]:
                     rors.append(sa.and_(*part))
                 elif q.url is not None:
                     rors.append(r.url == q.url)
-            return _in_index(idx_reference, param, res_type, sa.or_(*rors) if rors else sa.false())
+            return _in_index(
+                idx_reference, param, res_type, sa.or_(*rors) if rors else sa.false(), correlated=c
+            )
         case DateCond(param, queries):
             d = idx_date.c
             return _in_index(
@@ -258,6 +273,7 @@ def _condition(cond: Condition, res_type: str, now: int) -> ColumnElement[bool]:
                 param,
                 res_type,
                 sa.or_(*(date_predicate(q, d.low, d.high, now) for q in queries)),
+                correlated=c,
             )
         case MissingCond(param, table, missing):
             tbl = {
@@ -266,7 +282,7 @@ def _condition(cond: Condition, res_type: str, now: int) -> ColumnElement[bool]:
                 "reference": idx_reference,
                 "date": idx_date,
             }[table]
-            present = _in_index(tbl, param, res_type)
+            present = _in_index(tbl, param, res_type, correlated=c)
             return sa.not_(present) if missing else present
     raise TypeError(type(cond).__name__)
 
@@ -311,9 +327,36 @@ def conditions_predicate(
     return sa.and_(sa.true(), *(_condition(c, res_type, now) for c in conditions))
 
 
-def _where(spec: SearchSpec) -> list[ColumnElement[bool]]:
+#: Which kind of condition should drive a SQLite query (lower first): ids and references
+#: select a handful of rows, dates and absent parameters whole swathes of an index.
+_DRIVE_ORDER: dict[type, int] = {
+    IdCond: 0,
+    ReferenceCond: 1,
+    TokenCond: 2,
+    StringCond: 3,
+    LastUpdatedCond: 4,
+    DateCond: 5,
+    MissingCond: 6,
+}
+
+
+def _where(spec: SearchSpec, dialect: str = "") -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = [R.res_type == spec.resource_type, R.deleted.is_(False)]
-    where += [_condition(c, spec.resource_type, spec.now) for c in spec.conditions]
+    conditions = list(spec.conditions)
+    if dialect == "sqlite" and conditions:
+        # SQLite materialises every uncorrelated IN subquery: let the most selective
+        # condition select the candidates and check the others per candidate (EXISTS).
+        conditions.sort(key=lambda c: _DRIVE_ORDER.get(type(c), 9))
+        first = conditions[0]
+        drives = not isinstance(first, MissingCond) and not (
+            isinstance(first, TokenCond) and first.negate
+        )
+        where += [
+            _condition(c, spec.resource_type, spec.now, correlated=(i > 0 or not drives))
+            for i, c in enumerate(conditions)
+        ]
+    else:
+        where += [_condition(c, spec.resource_type, spec.now) for c in conditions]
     if spec.restrict is not None:
         where.append(spec.restrict(resources))
     return where
@@ -325,8 +368,12 @@ def _count(conn: Connection, where: Sequence[ColumnElement[bool]]) -> int:
 
 
 def run_search(conn: Connection, spec: SearchSpec) -> SearchPage:
-    """Run ``spec`` and return one page plus the cursors for its neighbours."""
-    where = _where(spec)
+    """Run ``spec`` and return one page plus the cursors for its neighbours.
+
+    The first page carries its ``total`` in the same query (``count(*) OVER ()`` over the
+    narrow page keys, before the limit): one statement per search. A cursor page counts
+    separately, since its own rows are only those after the cursor."""
+    where = _where(spec, conn.dialect.name)
 
     exprs = [_sort_expr(k, spec.resource_type) for k in spec.sort] + [R.pk]
     desc = [k.descending for k in spec.sort] + [False]
@@ -337,8 +384,19 @@ def run_search(conn: Connection, spec: SearchSpec) -> SearchPage:
     page_where = list(where)
     if cursor is not None:
         page_where.append(_after(exprs, desc, cursor.values, forward))
+    fold_total = spec.want_total and cursor is None
 
     order = [e.desc() if d == forward else e.asc() for e, d in zip(exprs, desc, strict=True)]
+    keys = sa.select(
+        R.pk.label("match_pk"), *(e.label(lbl) for e, lbl in zip(exprs, labels, strict=True))
+    )
+    if fold_total:
+        keys = keys.add_columns(sa.func.count().over().label("match_total"))
+    page = keys.where(*page_where).order_by(*order).limit(spec.count + 1).subquery("page")
+    outer_order = [
+        page.c[lbl].desc() if d == forward else page.c[lbl].asc()
+        for lbl, d in zip(labels, desc, strict=True)
+    ]
     stmt = (
         sa.select(
             R.pk,
@@ -348,33 +406,38 @@ def run_search(conn: Connection, spec: SearchSpec) -> SearchPage:
             R.last_updated,
             R.deleted,
             R.content,
-            *(e.label(lbl) for e, lbl in zip(exprs, labels, strict=True)),
+            *(page.c[lbl] for lbl in labels),
+            *([page.c.match_total] if fold_total else []),
         )
-        .where(*page_where)
-        .order_by(*order)
-        .limit(spec.count + 1)
+        .select_from(page.join(resources, R.pk == page.c.match_pk))
+        .order_by(*outer_order)
     )
     fetched = list(conn.execute(stmt))
+    width = 7 + len(labels)
+    total: int | None = None
+    if fold_total:
+        total = int(fetched[0][width]) if fetched else 0
     more = len(fetched) > spec.count
     fetched = fetched[: spec.count]
     if not forward:
         fetched.reverse()
     rows = [CurrentRow(*r[:7]) for r in fetched]
-    keys = [tuple(r[7:]) for r in fetched]
+    page_keys = [tuple(r[7:width]) for r in fetched]
 
     next_cursor = prev_cursor = None
     if rows:
         has_next = more if forward else True
         has_prev = (cursor is not None) if forward else more
         if has_next:
-            next_cursor = Cursor(keys[-1], True).encode()
+            next_cursor = Cursor(page_keys[-1], True).encode()
         if has_prev:
-            prev_cursor = Cursor(keys[0], False).encode()
+            prev_cursor = Cursor(page_keys[0], False).encode()
 
-    total = _count(conn, where) if spec.want_total else None
+    if spec.want_total and not fold_total:
+        total = _count(conn, where)
     return SearchPage(rows, total, next_cursor, prev_cursor)
 
 
 def count_only(conn: Connection, spec: SearchSpec) -> int:
     """``_summary=count``: the total alone."""
-    return _count(conn, _where(spec))
+    return _count(conn, _where(spec, conn.dialect.name))

@@ -25,6 +25,7 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import RedirectResponse, Response
 
 from fhir_consent.fhir.routes import FHIRContext
+from fhir_consent.forwarded import public_root
 from fhir_consent.web.config import WebSettings
 from fhir_consent.web.events import build_events_router
 
@@ -106,8 +107,9 @@ def build_app_router(ctx: FHIRContext, settings: WebSettings) -> APIRouter:
         )
 
     @router.get("", include_in_schema=False)
-    async def app_root() -> Response:
-        return RedirectResponse(f"{mount}/", status_code=308)
+    async def app_root(request: Request) -> Response:
+        # path-absolute, with the mount point (and a trusted proxy's prefix) in front
+        return RedirectResponse(f"{urlsplit(public_root(request)).path}{mount}/", 308)
 
     @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> Response:
@@ -151,11 +153,13 @@ def install(app: FastAPI, ctx: FHIRContext, settings: WebSettings | None = None)
     routes = app.router.routes
     before = len(routes)
     app.include_router(build_events_router(settings), prefix=ctx.settings.fhir_path.rstrip("/"))
-    ours = routes[before:]
-    del routes[before:]
-    routes[0:0] = ours  # ahead of the generic "/{rtype}" route, which would take "$events"
     if settings.enabled:
         app.include_router(build_app_router(ctx, settings), prefix=settings.app_path.rstrip("/"))
+    ours = routes[before:]
+    del routes[before:]
+    # ahead of the generic "/{rtype}" routes, which would take "$events" (and, with the FHIR
+    # base at the app's root, fhir_path "", the app's own paths)
+    routes[0:0] = ours
     ctx.capability_extenders.append(_capability)
     app.state.web_installed = True
     app.state.web = settings

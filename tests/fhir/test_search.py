@@ -384,3 +384,28 @@ def test_consent_nested_provision_params(client: TestClient) -> None:
     cid2 = post(client, load_example("Consent-consent-example-notOrg"))
     assert cid2 in ids(search(client, "Consent?actor=Organization/f001"))
     assert cid2 in ids(search(client, "Consent?action=access,correct"))
+
+
+def test_total_counts_the_whole_match_on_every_page(client: TestClient) -> None:
+    """The first page carries its total in the page query, later pages count separately:
+    every page reports all matches, whatever condition drives the query."""
+    pid = post(client, patient("Totals"))
+    other = post(client, patient("Elsewhere"))
+    for i in range(12):
+        post(client, docref(pid, f"2021-01-{i + 1:02d}"))
+    for i in range(3):
+        post(client, docref(pid, f"2015-01-{i + 1:02d}"))
+        post(client, docref(other, f"2021-02-{i + 1:02d}"))
+    query = f"DocumentReference?date=ge2020-01-01&patient={pid}&_count=5"
+    page = search(client, query)
+    totals, seen = [], []
+    while True:
+        totals.append(page["total"])
+        seen += ids(page)
+        nxt = [link["url"] for link in page["link"] if link["relation"] == "next"]
+        if not nxt:
+            break
+        page = search(client, nxt[0].replace("https://testserver/fhir/", ""))
+    assert totals == [12, 12, 12] and len(seen) == len(set(seen)) == 12
+    assert search(client, f"DocumentReference?patient={pid}&date=ge2030-01-01")["total"] == 0
+    assert search(client, f"DocumentReference?patient={other}&date=lt2021-02-02")["total"] == 1

@@ -1,0 +1,85 @@
+"""The resource server's cache of verified claims (``SmartResourceProtector``): a repeat token
+is a look-up, but never past its ``exp``, never for another audience or issuer, and never
+after the key set changed (a removed key stops its tokens at once)."""
+
+from __future__ import annotations
+
+import pytest
+
+from smart_on_fhir import KeySet, issue_access_token
+from smart_on_fhir.protect import AuthenticationRequired, SmartResourceProtector
+
+ISSUER = "https://fhir.example.org/r4"
+FHIR = "https://fhir.example.org/r4"
+NOW = 1_700_000_000
+
+
+def _token(keys: KeySet, jti: str = "j1", lifetime: int = 300) -> str:
+    return issue_access_token(
+        keys,
+        issuer=ISSUER,
+        audience=FHIR,
+        subject="user-1",
+        client_id="app",
+        scope="patient/*.rs",
+        lifetime_s=lifetime,
+        now=NOW,
+        jti=jti,
+        patient="p1",
+    )
+
+
+def _auth(
+    protector: SmartResourceProtector, token: str, *, now: int = NOW + 5, aud: str = FHIR
+) -> str:
+    claims = protector.authenticate(
+        {"Authorization": f"Bearer {token}"}, audience=aud, issuer=ISSUER, now=now
+    )
+    return claims.jti
+
+
+def _reason(protector: SmartResourceProtector, token: str, **kwargs: int | str) -> str | None:
+    with pytest.raises(AuthenticationRequired) as caught:
+        _auth(protector, token, **kwargs)  # type: ignore[arg-type]
+    return caught.value.reason
+
+
+def test_repeat_token_is_served_from_the_cache_until_exp() -> None:
+    keys = KeySet.generate(["RS256"])
+    protector = SmartResourceProtector(lambda: keys)
+    token = _token(keys)
+    first = protector.authenticate(
+        {"Authorization": f"Bearer {token}"}, audience=FHIR, issuer=ISSUER, now=NOW + 5
+    )
+    again = protector.authenticate(
+        {"Authorization": f"Bearer {token}"}, audience=FHIR, issuer=ISSUER, now=NOW + 6
+    )
+    assert again is first  # the very claims object: no second verification
+    assert "patient/*.rs" in str(again.scopes)
+    assert _reason(protector, token, now=NOW + 300 + 31) == "expired"  # leeway 30 s
+    assert _reason(protector, token, aud="https://other.example.org/fhir") == "wrong_audience"
+
+
+def test_a_new_key_set_verifies_again() -> None:
+    keys = KeySet.generate(["RS256"])
+    current = {"keys": keys}
+    protector = SmartResourceProtector(lambda: current["keys"])
+    token = _token(keys)
+    assert _auth(protector, token) == "j1"
+    rotated = keys.rotate("RS256")
+    current["keys"] = rotated
+    assert _auth(protector, token) == "j1"  # the retired key still verifies
+    old_kid = keys.signing_key("RS256").kid
+    assert old_kid is not None
+    current["keys"] = rotated.remove(old_kid)
+    assert _reason(protector, token) == "unknown_kid"  # not the cached claims
+
+
+def test_cache_is_bounded() -> None:
+    keys = KeySet.generate(["RS256"])
+    protector = SmartResourceProtector(lambda: keys, cache_size=2)
+    tokens = [_token(keys, jti=f"j{i}") for i in range(4)]
+    assert [_auth(protector, t) for t in tokens] == ["j0", "j1", "j2", "j3"]
+    assert len(protector._verified) == 2
+    uncached = SmartResourceProtector(lambda: keys, cache_size=0)
+    assert _auth(uncached, tokens[0]) == "j0" and not uncached._verified
