@@ -160,7 +160,10 @@ class PublicURLs:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
-            scope = self.resolve(scope)
+            # In place, not a copy: what the layers inside record in the scope (Starlette's
+            # matched ``route``) must stay visible to the layers outside (the ops middleware
+            # names a request by its route template). The scope is this request's own.
+            scope.update(self.resolve(scope))
         await self.app(scope, receive, send)
 
     def resolve(self, scope: Scope) -> Scope:

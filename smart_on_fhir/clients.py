@@ -49,6 +49,7 @@ __all__ = [
     "NewClient",
     "client_origins",
     "create_client",
+    "new_client_id",
     "get_client",
     "origin_of",
     "set_client_active",
@@ -67,6 +68,12 @@ _ORG_RE: Final = re.compile(r"Organization/[A-Za-z0-9\-.]{1,64}")
 
 class ClientError(SmartError, ValueError):
     """Client metadata that cannot be registered (the message says which field)."""
+
+
+def new_client_id() -> str:
+    """A fresh client id: 192 random bits, URL-safe, never starting with ``-`` (an id that
+    did would read as an option to every command line it is pasted into)."""
+    return "c" + secrets.token_urlsafe(24)
 
 
 def _digest(secret: str) -> str:
@@ -249,7 +256,7 @@ def create_client(
         raise ClientError("organization must be Organization/<id>")
     if launch_uri is not None:
         _check_uri("launch_uri", launch_uri)
-    cid = client_id or secrets.token_urlsafe(24)
+    cid = client_id or new_client_id()
     if not re.fullmatch(r"[A-Za-z0-9_\-.]{1,64}", cid):
         raise ClientError("client_id must be 1-64 letters, digits or _ - .")
     if conn.execute(sa.select(clients.c.client_id).where(clients.c.client_id == cid)).first():

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import hmac
-import secrets
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -30,7 +29,7 @@ from authlib.oauth2.rfc7591 import ClientRegistrationEndpoint
 from authlib.oauth2.rfc7591.errors import InvalidClientMetadataError
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 
-from .clients import ClientError, create_client
+from .clients import ClientError, create_client, new_client_id
 from .errors import InvalidToken
 from .grants import TOKEN_AUTH_METHODS
 from .keys import KeySet
@@ -288,7 +287,7 @@ class SmartRegistrationEndpoint(ClientRegistrationEndpoint):  # type: ignore[mis
 
     def generate_client_info(self, request: Any) -> dict[str, Any]:
         return {
-            "client_id": secrets.token_urlsafe(24),
+            "client_id": new_client_id(),
             "client_id_issued_at": current_exchange().now,
         }
 

@@ -17,6 +17,7 @@ where that is the generic read or vread (re-checked whenever the routes change).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from starlette.requests import Request
@@ -45,7 +46,7 @@ class FastRead:
         self.app = app
         self.prefix = fhir_path.rstrip("/") + "/"
         self._routes_key: tuple[int, ...] | None = None
-        self._served: dict[tuple[str, str], bool] = {}
+        self._served: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "GET" or scope.get("query_string"):
@@ -66,29 +67,42 @@ class FastRead:
         else:
             await self.app(scope, receive, send)
             return
-        if rtype not in _SUPPORTED or not is_valid_id(rid) or not self._serves(scope, rtype, kind):
+        valid = rtype in _SUPPORTED and is_valid_id(rid)
+        route = self._route(scope, rtype, kind) if valid else None
+        if route is None:
             await self.app(scope, receive, send)
             return
+        # as the router would have recorded it (the ops layer names requests by their route)
+        scope["route"] = route
+        scope["path_params"] = {"rtype": rtype, "rid": rid} | ({"vid": vid} if vid else {})
         ctx: FHIRContext = scope["app"].state.fhir
         request = Request(scope, receive)
         try:
             response = await serve_read(ctx, request, rtype, rid, vid)
         except FHIRError as exc:  # as the application's FHIRError handler renders it
             response = fhir_response(exc.outcome(), exc.status, exc.headers)
+        except Exception as exc:
+            # This layer sits outside Starlette's ExceptionMiddleware: hand the error to the
+            # application's own handler for it (a database outage → 503), as the router would.
+            handler = _handler_for(scope["app"], exc)
+            if handler is None:
+                raise
+            answer = handler(request, exc)
+            response = await answer if inspect.isawaitable(answer) else answer
         await response(scope, receive, send)
 
-    def _serves(self, scope: Scope, rtype: str, kind: str) -> bool:
-        """Whether the router would send this request to its generic read/vread endpoint."""
+    def _route(self, scope: Scope, rtype: str, kind: str) -> Any:
+        """The router's generic read/vread route if the router would send this request to
+        it, else None."""
         app = scope.get("app")
         routes = getattr(getattr(app, "router", None), "routes", None)
         if routes is None:
-            return False
+            return None
         key = tuple(map(id, routes))
         if key != self._routes_key:
             self._served = {}
             self._routes_key = key
-        served = self._served.get((rtype, kind))
-        if served is None:
+        if (rtype, kind) not in self._served:
             root = scope.get("root_path", "")
             suffix = "/_history/1" if kind == "vread" else ""
             probes: list[Scope] = [
@@ -102,14 +116,16 @@ class FastRead:
                 }
                 for rid in _PROBE_IDS
             ]
-            served = self._served[(rtype, kind)] = all(
-                _endpoint_kind(routes, probe) == kind for probe in probes
-            )
-        return served
+            found = [_endpoint(routes, probe) for probe in probes]
+            first = found[0][1] if found[0] is not None else None
+            same = all(f is not None and f[0] == kind and f[1] is first for f in found)
+            self._served[(rtype, kind)] = first if same else None
+        return self._served[(rtype, kind)]
 
 
-def _endpoint_kind(routes: list[Any], probe: Scope) -> str | None:
-    """The ``fhir_fast_path`` mark of the endpoint the router picks for ``probe``, if any."""
+def _endpoint(routes: list[Any], probe: Scope) -> tuple[str, Any] | None:
+    """The ``fhir_fast_path`` mark of the endpoint the router picks for ``probe`` and that
+    route, if it has a mark."""
     for route in routes:
         try:
             if hasattr(route, "_match"):  # FastAPI's included routers
@@ -121,7 +137,16 @@ def _endpoint_kind(routes: list[Any], probe: Scope) -> str | None:
             return None
         if match == Match.FULL:
             mark = getattr(getattr(found, "endpoint", None), FAST_PATH_ATTRIBUTE, None)
-            return mark if isinstance(mark, str) else None
+            return (mark, found) if isinstance(mark, str) else None
         if match == Match.PARTIAL:
             return None
+    return None
+
+
+def _handler_for(app: Any, exc: Exception) -> Any:
+    """The application's exception handler for ``exc`` (most specific class first), if any."""
+    handlers = getattr(app, "exception_handlers", {})
+    for cls in type(exc).__mro__:
+        if cls in handlers:
+            return handlers[cls]
     return None

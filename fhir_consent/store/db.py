@@ -354,10 +354,13 @@ def _configure_sqlite(engine: Engine, busy_timeout: int = 30000) -> None:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout)}")
         # Fewer, larger checkpoints (each one fsyncs) and a page cache that holds the hot
-        # index pages of a write; reads of the file go through the OS page cache by mmap.
+        # index pages of a write; reads of the first 16 MiB of the file (the schema and the
+        # hot upper B-tree pages) go through the OS page cache by mmap. Not more: every page
+        # a read touches through the map counts in the process's RSS, and a 200 MB document
+        # stored in the database would then cost 200 MB of it on download.
         cur.execute("PRAGMA wal_autocheckpoint=4000")
         cur.execute("PRAGMA cache_size=-16384")
-        cur.execute("PRAGMA mmap_size=268435456")
+        cur.execute("PRAGMA mmap_size=16777216")
         cur.execute("PRAGMA temp_store=MEMORY")
         cur.close()
 
