@@ -43,6 +43,12 @@ class Upstreamed:
     raw: bytes
     rtype: str
     rid: str
+    #: the stored-row view the consent engine and the audit trail see (:func:`as_row`): one
+    #: object per resource, so the decision and its audit record look at the same row
+    row: CurrentRow = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "row", _row(self))
 
     @classmethod
     def parse(cls, value: Any, raw: bytes | None = None) -> Upstreamed | None:
@@ -67,6 +73,10 @@ class Upstreamed:
 
 def as_row(item: Upstreamed, *, deleted: bool = False) -> CurrentRow:
     """A stored-row view of an upstream resource, for the consent engine and the audit trail."""
+    return _row(item, deleted=deleted) if deleted else item.row
+
+
+def _row(item: Upstreamed, *, deleted: bool = False) -> CurrentRow:
     return CurrentRow(
         pk=0,
         res_type=item.rtype,

@@ -22,11 +22,14 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+import anyio
 import jsonpatch
 import orjson
 from fastapi import APIRouter, FastAPI, Request
+from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fhir_consent.consent.enforcement import ConsentEnforcement, RequestFilter
@@ -62,6 +65,7 @@ from fhir_consent.gateway.search import (
 )
 from fhir_consent.gateway.upstream import Answer, Upstream, UpstreamError
 from fhir_consent.requestctx import current_access
+from fhir_consent.store.db import DatabaseBusy
 from smart_on_fhir.scopes import Interaction
 
 __all__ = ["Gateway", "GatewayNotSupported", "install_routes"]
@@ -117,23 +121,58 @@ class Gateway:
             raise GatewayNotSupported("The gateway never serves forwarded data without a token")
         return entry_gate(self.ctx, access, rtype, interaction, name)
 
-    async def decider(self, gate: Gate, primary: str | None, *, write: bool = False) -> Decider:
-        """Token check and the request's consent filter (in our database), then the
-        ``dependents`` of its Consents from the upstream (where those resources live)."""
+    def _filter_in(self, conn: Connection, gate: Gate) -> RequestFilter | None:
+        """The per-request token check (a revoked token fails at once), then the request's
+        consent filter: the one place the gateway calls ``ConsentEnforcer.filter_for``."""
         ctx = self.ctx
+        if ctx.token_check is not None:
+            ctx.token_check(conn, gate.access)
+        flt = ctx.consent.filter_for(conn, gate.access, gate.now) if ctx.consent else None
+        return flt if isinstance(flt, RequestFilter) else None
 
-        def run() -> RequestFilter | None:
-            scope = ctx.db.write() if write else ctx.db.read()
-            with scope as conn:
-                if ctx.token_check is not None:
-                    ctx.token_check(conn, gate.access)
-                flt = ctx.consent.filter_for(conn, gate.access, gate.now) if ctx.consent else None
-                return flt if isinstance(flt, RequestFilter) else None
+    async def consent_filter(self, gate: Gate, *, write: bool = False) -> RequestFilter | None:
+        """:meth:`_filter_in` in our database, computed anew for each request (so a Consent
+        revoked a moment ago is in force). As the local read path does
+        (:func:`fhir_consent.fhir.routes.in_db` with ``quick``): a read's filter runs on the
+        event loop's own connection where the database allows it (SQLite: an in-process call
+        costs less than the hop to a worker thread), otherwise in a worker thread; the
+        ``correct`` filter of a write in a write transaction."""
+        ctx = self.ctx
+        if not write and ctx.db.inline_reads:
+            try:
+                return ctx.db.run_inline(lambda conn: self._filter_in(conn, gate))
+            except DatabaseBusy:
+                pass  # SQLite is locked right now: wait for it in a worker thread
 
-        flt = await run_in_threadpool(run)
+        def threaded() -> RequestFilter | None:
+            with ctx.db.write() if write else ctx.db.autocommit() as conn:
+                return self._filter_in(conn, gate)
+
+        return await anyio.to_thread.run_sync(threaded, limiter=ctx.db.limiter)
+
+    async def decider(self, gate: Gate, primary: str | None, *, write: bool = False) -> Decider:
+        """The request's consent filter (:meth:`consent_filter`), then the ``dependents`` of
+        its Consents from the upstream (where those resources live)."""
+        flt = await self.consent_filter(gate, write=write)
         if flt is not None:
             flt = await self._resolve_dependents(flt)
         return Decider(gate.access, gate.now, flt, self.forwarded, primary)
+
+    async def fetch_and_decide(
+        self, gate: Gate, path: str, *, write: bool = False
+    ) -> tuple[Decider, Answer]:
+        """``GET {upstream}/{path}`` and the request's :class:`Decider`, concurrently: the
+        upstream call is sent first and the consent filter computed while it travels. The
+        answer is not looked at before the filter exists (a revoked token never sees it)."""
+        call = asyncio.ensure_future(self.upstream.get(path))
+        call.add_done_callback(_retrieve)
+        try:
+            await asyncio.sleep(0)  # the call runs up to its first wait: the request is sent
+            decider = await self.decider(gate, None, write=write)
+        except BaseException:
+            call.cancel()
+            raise
+        return decider, await call
 
     async def _resolve_dependents(self, flt: RequestFilter) -> RequestFilter:
         wanted = sorted(
@@ -188,7 +227,7 @@ class Gateway:
         if not is_valid_id(rid) or (vid is not None and not is_valid_id(vid)):
             raise NotFound(f"{rtype}/{rid[:64]} is not known")
         path = f"{rtype}/{rid}" + (f"/_history/{vid}" if vid is not None else "")
-        decider, answer = await asyncio.gather(self.decider(gate, None), self.upstream.get(path))
+        decider, answer = await self.fetch_and_decide(gate, path)
         if answer.status == 404:
             raise NotFound(f"{rtype}/{rid} is not known")
         if answer.status == 410:
@@ -277,9 +316,7 @@ class Gateway:
     async def _current(self, gate: Gate, rtype: str, rid: str) -> tuple[Upstreamed | None, Answer]:
         """The upstream's current version, which the requester must be permitted to correct
         (consent.md §3.3: writes to existing records are the ``correct`` action)."""
-        decider, answer = await asyncio.gather(
-            self.decider(gate, None, write=True), self.upstream.get(f"{rtype}/{rid}")
-        )
+        decider, answer = await self.fetch_and_decide(gate, f"{rtype}/{rid}", write=True)
         if answer.status in (404, 410):
             return None, answer
         item = _resource(answer, rtype, rid)
@@ -452,6 +489,12 @@ class Gateway:
         return await self._forward_write(request, gate, "DELETE", f"{rtype}/{rid}", None, "delete")
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a call's failure as seen when nobody awaits it (the request failed first)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _forbidden_outside(rtype: str) -> FHIRError:
     from fhir_consent.errors import Forbidden
 
@@ -508,6 +551,7 @@ def _type_router(gw: Gateway, rtype: str) -> APIRouter:
 
     router.add_api_route(f"/{rtype}/_history", not_here, methods=["GET"])
 
+    # ForwardedReads serves reads of valid ids; these take the others (404, as for any id)
     @router.get(f"/{rtype}/{{rid}}")
     async def read(rid: str, request: Request) -> Response:
         return await gw.read(request, rtype, rid, None)
@@ -618,6 +662,42 @@ class BundleGuard:
         await self.app(scope, replay, send)
 
 
+class ForwardedReads(BaseRoute):
+    """The read and vread routes of every forwarded type (``GET [base]/T/id``,
+    ``GET [base]/T/id/_history/vid`` with valid ids), first among the app's routes: a match
+    is a split of the path, and the handler calls :meth:`Gateway.read` on a plain
+    ``Request``, without FastAPI's parameter parsing and dependency resolution (more than the
+    rest of the router's work for the hottest interaction). It runs inside the app's
+    exception handlers, as any route does."""
+
+    def __init__(self, gw: Gateway, prefix: str) -> None:
+        self.gw = gw
+        self.prefix = prefix.rstrip("/") + "/"
+        self.path_format = f"{self.prefix}{{type}}/{{id}}"  # the route's name in metrics
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            return Match.NONE, {}
+        path = route_path(scope)
+        if not path.startswith(self.prefix):
+            return Match.NONE, {}
+        parts = path[len(self.prefix) :].split("/")
+        if parts[0] not in self.gw.forwarded or len(parts) < 2 or not is_valid_id(parts[1]):
+            return Match.NONE, {}  # the router's routes answer the rest (404, 501, ...)
+        if len(parts) == 2:
+            return Match.FULL, {"path_params": {"rtype": parts[0], "rid": parts[1]}}
+        if len(parts) == 4 and parts[2] == "_history" and is_valid_id(parts[3]):
+            params = {"rtype": parts[0], "rid": parts[1], "vid": parts[3]}
+            return Match.FULL, {"path_params": params}
+        return Match.NONE, {}
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = scope["path_params"]
+        request = Request(scope, receive)
+        response = await self.gw.read(request, params["rtype"], params["rid"], params.get("vid"))
+        await response(scope, receive, send)
+
+
 def install_routes(app: FastAPI, gw: Gateway) -> None:
     """Put the forwarded types' routes ahead of the local routes, and the Bundle guard in
     front of the app."""
@@ -628,7 +708,7 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
         app.include_router(_type_router(gw, rtype), prefix=prefix)
     ours = routes[before:]
     del routes[before:]
-    routes[0:0] = ours
+    routes[0:0] = [ForwardedReads(gw, prefix), *ours]
     app.add_middleware(
         BundleGuard,
         fhir_path=gw.ctx.settings.fhir_path,

@@ -214,6 +214,8 @@ def test_clinic_without_grant_gets_nothing(world: World, http: httpx.Client) -> 
         headers=bearer(token),
     )
     assert r.status_code == 200 and r.json().get("entry", []) == []
+    assert r.json()["total"] == 0 and [x["relation"] for x in r.json()["link"]] == ["self"]
+    _no_upstream_urls(world, r.json())
 
 
 def test_paging_links_cannot_be_reused_or_forged(world: World, http: httpx.Client) -> None:
