@@ -84,6 +84,10 @@ _SQLITE_INSERT_NODE = "INSERT INTO ledger_node (level, idx, hash) VALUES (?, ?, 
 _SQLITE_INSERT_OUTBOX = "INSERT INTO ledger_outbox (seq, status) VALUES (?, 'pending')"
 _SQLITE_UPDATE_HEAD = "UPDATE ledger_head SET size = ?, compact = ? WHERE id = 1"
 _PG_UPDATE_HEAD = "UPDATE ledger_head SET size = %s, compact = %s WHERE id = 1"
+_SQLITE_SELECT_HEAD = "SELECT size, compact FROM ledger_head WHERE id = 1"
+_PG_SELECT_HEAD_LOCKED = "SELECT size, compact FROM ledger_head WHERE id = 1 FOR UPDATE"
+#: Up to this many entries, PostgreSQL gets one statement with scalar parameters.
+_SMALL_MAX = 4
 
 #: One ``ledger_entry`` row: ``(seq, ref, kind, ts, data)``.
 EntryRow = tuple[int, str, str, int, bytes]
@@ -132,6 +136,69 @@ _PG_APPEND_OUTBOX = _PG_APPEND.format(
 )
 
 
+def _raw_kind(conn: Connection) -> str:
+    """``psycopg`` / ``sqlite`` when the driver connection can be used directly (inside the
+    SQLAlchemy transaction: the same connection, the same transaction), else ``""``."""
+    d = conn.dialect
+    if d.name == "postgresql" and d.driver == "psycopg":
+        return "psycopg"
+    if d.name == "sqlite" and d.driver == "pysqlite":
+        return "sqlite"
+    return ""
+
+
+def _select_head_raw(conn: Connection) -> tuple[Any, ...] | None:
+    """The head row, locked on PostgreSQL (SQLite writers hold the database lock already).
+
+    At the driver level: SQLAlchemy's per-statement work cost the Consent write more CPU
+    than the query (issue 5, write latency)."""
+    kind = _raw_kind(conn)
+    if kind == "psycopg":
+        raw: Any = conn.connection.driver_connection
+        with raw.cursor() as cur:
+            cur.execute(_PG_SELECT_HEAD_LOCKED)
+            row: Any = cur.fetchone()
+    elif kind == "sqlite":
+        row = conn.connection.driver_connection.execute(_SQLITE_SELECT_HEAD).fetchone()  # type: ignore[union-attr]
+    else:
+        stmt = _SELECT_HEAD_LOCKED if conn.dialect.name == "postgresql" else _SELECT_HEAD
+        row = conn.execute(stmt).first()
+    return None if row is None else tuple(row)
+
+
+_PG_SMALL: dict[tuple[int, int, bool], str] = {}
+
+
+def _pg_small_append(entries: int, nodes: int, outbox: bool) -> str:
+    """One statement for a small append with scalar parameters (cheaper to send than arrays):
+    entry rows, node rows, outbox rows and the new head. One text per shape (at most a few
+    dozen: a single entry adds 1 + the number of trailing one bits of ``seq`` nodes)."""
+    key = (entries, nodes, outbox)
+    sql = _PG_SMALL.get(key)
+    if sql is None:
+        parts = [
+            "WITH e AS (INSERT INTO ledger_entry (seq, ref, kind, ts, data) VALUES "
+            + ", ".join(["(%s, %s, %s, %s, %s)"] * entries)
+            + ")"
+        ]
+        if nodes:
+            parts.append(
+                "n AS (INSERT INTO ledger_node (level, idx, hash) VALUES "
+                + ", ".join(["(%s, %s, %s)"] * nodes)
+                + ")"
+            )
+        if outbox:
+            parts.append(
+                "o AS (INSERT INTO ledger_outbox (seq, status) VALUES "
+                + ", ".join(["(%s, 'pending')"] * entries)
+                + ")"
+            )
+        sql = ", ".join(parts) + " " + _PG_UPDATE_HEAD
+        if len(_PG_SMALL) < 256:
+            _PG_SMALL[key] = sql
+    return sql
+
+
 def _write_rows(
     conn: Connection,
     rows: Sequence[EntryRow],
@@ -147,23 +214,37 @@ def _write_rows(
     """
     compact = b"".join(cr.hashes)
     dialect = conn.dialect.name
-    if dialect == "postgresql" and len(rows) >= _COPY_FROM and conn.dialect.driver == "psycopg":
+    kind = _raw_kind(conn)
+    if kind == "psycopg" and len(rows) >= _COPY_FROM:
         _copy_rows(conn, rows, nodes, outbox)
         conn.exec_driver_sql(_PG_UPDATE_HEAD, (cr.size, compact))
+    elif kind == "psycopg" and len(rows) <= _SMALL_MAX:
+        params: list[Any] = [v for r in rows for v in r]
+        params += [v for n in nodes for v in n]
+        if outbox:
+            params += [r[0] for r in rows]
+        params += [cr.size, compact]
+        raw: Any = conn.connection.driver_connection
+        with raw.cursor() as cur:
+            cur.execute(_pg_small_append(len(rows), len(nodes), outbox), params)
     elif dialect == "postgresql":
         seqs, refs, kinds, tss, datas = (list(c) for c in zip(*rows, strict=True))
-        params: list[Any] = [seqs, refs, kinds, tss, datas]
-        params += [list(c) for c in zip(*nodes, strict=True)] if nodes else [[], [], []]
+        aparams: list[Any] = [seqs, refs, kinds, tss, datas]
+        aparams += [list(c) for c in zip(*nodes, strict=True)] if nodes else [[], [], []]
         if outbox:
-            params.append(seqs)
-        params += [cr.size, compact]
-        conn.exec_driver_sql(_PG_APPEND_OUTBOX if outbox else _PG_APPEND_PLAIN, tuple(params))
-    elif dialect == "sqlite":
-        conn.exec_driver_sql(_SQLITE_INSERT_ENTRY, list(rows))
-        conn.exec_driver_sql(_SQLITE_INSERT_NODE, [tuple(n) for n in nodes])
+            aparams.append(seqs)
+        aparams += [cr.size, compact]
+        conn.exec_driver_sql(_PG_APPEND_OUTBOX if outbox else _PG_APPEND_PLAIN, tuple(aparams))
+    elif kind == "sqlite":
+        db: Any = conn.connection.driver_connection
+        if len(rows) == 1:
+            db.execute(_SQLITE_INSERT_ENTRY, rows[0])
+        else:
+            db.executemany(_SQLITE_INSERT_ENTRY, rows)
+        db.executemany(_SQLITE_INSERT_NODE, nodes)
         if outbox:
-            conn.exec_driver_sql(_SQLITE_INSERT_OUTBOX, [(r[0],) for r in rows])
-        conn.exec_driver_sql(_SQLITE_UPDATE_HEAD, (cr.size, compact))
+            db.executemany(_SQLITE_INSERT_OUTBOX, [(r[0],) for r in rows])
+        db.execute(_SQLITE_UPDATE_HEAD, (cr.size, compact))
     else:  # any other SQLAlchemy dialect: the portable statements
         conn.execute(
             _INSERT_ENTRY,
@@ -274,8 +355,7 @@ class EmbeddedLog:
     # -- the head ---------------------------------------------------------------------------
 
     def _lock_head(self, conn: Connection) -> CompactRange:
-        stmt = _SELECT_HEAD_LOCKED if conn.dialect.name == "postgresql" else _SELECT_HEAD
-        row = conn.execute(stmt).first()
+        row = _select_head_raw(conn)
         if row is None:  # an emptied database (the migration inserts the row)
             insert: Any = (
                 postgresql.insert(ledger_head)
@@ -283,8 +363,10 @@ class EmbeddedLog:
                 else sqlite.insert(ledger_head)
             )
             conn.execute(insert.values(id=_HEAD_ID, size=0, compact=b"").on_conflict_do_nothing())
-            row = conn.execute(stmt).one()
-        return _compact_from_row(int(row.size), row.compact)
+            row = _select_head_raw(conn)
+            if row is None:
+                raise MerkleError("ledger_head has no row")
+        return _compact_from_row(int(row[0]), row[1])
 
     def head(self, conn: Connection) -> TreeHead:
         """The current size and root (no lock: a consistent snapshot of the transaction)."""
