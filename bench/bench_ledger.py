@@ -179,6 +179,32 @@ def _proc_cpu(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+_AFFINITY: dict[int, set[int]] = {}
+
+
+def _pin(pids: list[int], core: int | None) -> bool:
+    """Pin processes (0 = this one) to ``core``; False when the OS does not let us."""
+    if core is None:
+        return False
+    try:
+        for pid in pids:
+            _AFFINITY[pid] = os.sched_getaffinity(pid)
+            os.sched_setaffinity(pid, {core})
+    except OSError:
+        return False
+    return True
+
+
+def _unpin(pids: list[int], pinned: bool) -> None:
+    if not pinned:
+        return
+    for pid in pids:
+        try:
+            os.sched_setaffinity(pid, _AFFINITY.pop(pid))
+        except (OSError, KeyError):
+            pass
+
+
 def bench_append(tmp: Path, total: int, batch: int, pg_url: str | None) -> dict[str, Any]:
     from fhir_consent.crypto import KeyRing
     from fhir_consent.ledger.embedded import EmbeddedLog
@@ -189,6 +215,10 @@ def bench_append(tmp: Path, total: int, batch: int, pg_url: str | None) -> dict[
     targets = [("sqlite", _migrated_sqlite(tmp, "append.sqlite3"))]
     if pg_url:
         targets.append(("postgresql", pg_url))
+    # One core, honestly: this process (and, on PostgreSQL, its backend) pinned to one CPU
+    # for the append, so the wall-clock figure is what one core does (less whatever other
+    # jobs on the machine take of that core: the load average is printed beside it).
+    core = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     for name, url in targets:
         db = Database(url, pool_size=1)
         log = EmbeddedLog(ring, "bench.example/ledger", clock=lambda: 0, outbox=True)
@@ -197,12 +227,16 @@ def bench_append(tmp: Path, total: int, batch: int, pg_url: str | None) -> dict[
         if name == "postgresql":  # the server process doing our inserts (same machine)
             with db.read() as conn:
                 backend_pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+        pinned = _pin([0] + ([backend_pid] if backend_pid else []), core)
+        out[f"{name}_pinned"] = pinned
+        out[f"{name}_load"] = os.getloadavg()[0]
         server0 = _proc_cpu(backend_pid)
         cpu0, t0 = time.process_time(), time.perf_counter()
         for start in range(0, total, batch):
             with db.write() as conn:
                 log.append(conn, items[start : start + batch])
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        _unpin([0] + ([backend_pid] if backend_pid else []), pinned)
         out[f"{name}_per_s"] = total / elapsed
         out[f"{name}_cpu_share"] = cpu / elapsed
         out[f"{name}_per_cpu_s"] = total / cpu
@@ -210,6 +244,7 @@ def bench_append(tmp: Path, total: int, batch: int, pg_url: str | None) -> dict[
             server = _proc_cpu(backend_pid) - server0
             out[f"{name}_server_cpu_s"] = server
             out[f"{name}_per_total_cpu_s"] = total / (cpu + server)
+            out[f"{name}_total_cpu_share"] = (cpu + server) / elapsed
         db.dispose()
     # the crypto alone (build_entry: canonical JSON, seal, sign), for reference
     from fhir_consent.ledger.embedded import _us_to_datetime
@@ -367,6 +402,11 @@ def bench_proofs(tmp: Path, leaves: int, samples: int) -> dict[str, Any]:
 # -- report ----------------------------------------------------------------------------------
 
 
+def _one_core(app: dict[str, Any], name: str) -> str:
+    where = "pinned to one core" if app.get(f"{name}_pinned") else "(not pinned: no affinity)"
+    return f"{where}, load average {app[f'{name}_load']:.1f}"
+
+
 def _section(r: dict[str, Any], quick: bool) -> str:
     lat, app, relay, proofs = r["latency"], r["append"], r["relay"], r["proofs"]
     lines = [
@@ -399,21 +439,18 @@ def _section(r: dict[str, Any], quick: bool) -> str:
         "| measure | result | target |",
         "|---|---|---|",
         f"| embedded log append, SQLite, {app['batch']} entries per commit | "
-        f"{app['sqlite_per_s']:,.0f} entries/s wall-clock; {app['sqlite_per_cpu_s']:,.0f} per "
-        f"CPU-second (the process got {app['sqlite_cpu_share']:.0%} of a core) | ≥ 5,000/s |",
+        f"{app['sqlite_per_cpu_s']:,.0f} entries per CPU-second; wall-clock "
+        f"{app['sqlite_per_s']:,.0f} entries/s {_one_core(app, 'sqlite')}, of which this "
+        f"process got {app['sqlite_cpu_share']:.0%} | ≥ 5,000/s |",
     ]
     if "postgresql_per_s" in app:
-        server = (
-            f"; {app['postgresql_per_total_cpu_s']:,.0f} per CPU-second of this process and its "
-            f"PostgreSQL backend together (one core doing both)"
-            if "postgresql_per_total_cpu_s" in app
-            else ""
-        )
         lines.append(
-            f"| embedded log append, PostgreSQL, {app['batch']} per commit | "
-            f"{app['postgresql_per_s']:,.0f} entries/s wall-clock; "
-            f"{app['postgresql_per_cpu_s']:,.0f} per CPU-second of this process{server} "
-            f"| ≥ 5,000/s |"
+            f"| embedded log append, PostgreSQL, {app['batch']} per commit (binary COPY) | "
+            f"{app['postgresql_per_total_cpu_s']:,.0f} entries per CPU-second of this process "
+            f"and its PostgreSQL backend together ({app['postgresql_per_cpu_s']:,.0f} per "
+            f"CPU-second of this process alone); wall-clock {app['postgresql_per_s']:,.0f} "
+            f"entries/s {_one_core(app, 'postgresql')}, of which both processes got "
+            f"{app['postgresql_total_cpu_share']:.0%} | ≥ 5,000/s |"
         )
     lines.append(
         f"| entry construction alone (canonical JSON + sealed box + Ed25519) | "

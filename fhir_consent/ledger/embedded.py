@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection
 
 from fhir_consent.crypto import KeyRing
 from fhir_consent.ledger.checkpoint import Checkpoint, sign_checkpoint
-from fhir_consent.ledger.entry import LedgerEntry, build_entry_bytes, entry_from_bytes
+from fhir_consent.ledger.entry import LedgerEntry, entry_from_bytes, format_ts_us, prepare_entry
 from fhir_consent.ledger.merkle import (
     HASH_SIZE,
     CompactRange,
@@ -82,6 +82,15 @@ _INSERT_OUTBOX = ledger_outbox.insert()
 _SQLITE_INSERT_ENTRY = "INSERT INTO ledger_entry (seq, ref, kind, ts, data) VALUES (?, ?, ?, ?, ?)"
 _SQLITE_INSERT_NODE = "INSERT INTO ledger_node (level, idx, hash) VALUES (?, ?, ?)"
 _SQLITE_INSERT_OUTBOX = "INSERT INTO ledger_outbox (seq, status) VALUES (?, 'pending')"
+_SQLITE_UPDATE_HEAD = "UPDATE ledger_head SET size = ?, compact = ? WHERE id = 1"
+_PG_UPDATE_HEAD = "UPDATE ledger_head SET size = %s, compact = %s WHERE id = 1"
+_SQLITE_SELECT_HEAD = "SELECT size, compact FROM ledger_head WHERE id = 1"
+_PG_SELECT_HEAD_LOCKED = "SELECT size, compact FROM ledger_head WHERE id = 1 FOR UPDATE"
+#: Up to this many entries, PostgreSQL gets one statement with scalar parameters.
+_SMALL_MAX = 4
+
+#: One ``ledger_entry`` row: ``(seq, ref, kind, ts, data)``.
+EntryRow = tuple[int, str, str, int, bytes]
 
 
 #: From this many entries on, PostgreSQL gets the rows by COPY (binary): far less client work
@@ -90,7 +99,7 @@ _COPY_FROM = 16
 
 
 def _copy_rows(
-    conn: Connection, entries: Sequence[dict[str, Any]], nodes: Sequence[Node], outbox: bool
+    conn: Connection, rows: Sequence[EntryRow], nodes: Sequence[Node], outbox: bool
 ) -> None:
     """COPY … FROM STDIN (FORMAT BINARY) through psycopg, in the caller's transaction."""
     raw: Any = conn.connection.driver_connection
@@ -99,8 +108,8 @@ def _copy_rows(
             "COPY ledger_entry (seq, ref, kind, ts, data) FROM STDIN (FORMAT BINARY)"
         ) as cp:
             cp.set_types(["int8", "varchar", "varchar", "int8", "bytea"])
-            for r in entries:
-                cp.write_row((r["seq"], r["ref"], r["kind"], r["ts"], r["data"]))
+            for r in rows:
+                cp.write_row(r)
         if nodes:
             with cur.copy("COPY ledger_node (level, idx, hash) FROM STDIN (FORMAT BINARY)") as cp:
                 cp.set_types(["int2", "int8", "bytea"])
@@ -109,8 +118,8 @@ def _copy_rows(
         if outbox:
             with cur.copy("COPY ledger_outbox (seq, status) FROM STDIN (FORMAT BINARY)") as cp:
                 cp.set_types(["int8", "varchar"])
-                for r in entries:
-                    cp.write_row((r["seq"], "pending"))
+                for r in rows:
+                    cp.write_row((r[0], "pending"))
 
 
 _PG_APPEND = (
@@ -127,9 +136,72 @@ _PG_APPEND_OUTBOX = _PG_APPEND.format(
 )
 
 
+def _raw_kind(conn: Connection) -> str:
+    """``psycopg`` / ``sqlite`` when the driver connection can be used directly (inside the
+    SQLAlchemy transaction: the same connection, the same transaction), else ``""``."""
+    d = conn.dialect
+    if d.name == "postgresql" and d.driver == "psycopg":
+        return "psycopg"
+    if d.name == "sqlite" and d.driver == "pysqlite":
+        return "sqlite"
+    return ""
+
+
+def _select_head_raw(conn: Connection) -> tuple[Any, ...] | None:
+    """The head row, locked on PostgreSQL (SQLite writers hold the database lock already).
+
+    At the driver level: SQLAlchemy's per-statement work cost the Consent write more CPU
+    than the query (issue 5, write latency)."""
+    kind = _raw_kind(conn)
+    if kind == "psycopg":
+        raw: Any = conn.connection.driver_connection
+        with raw.cursor() as cur:
+            cur.execute(_PG_SELECT_HEAD_LOCKED)
+            row: Any = cur.fetchone()
+    elif kind == "sqlite":
+        row = conn.connection.driver_connection.execute(_SQLITE_SELECT_HEAD).fetchone()  # type: ignore[union-attr]
+    else:
+        stmt = _SELECT_HEAD_LOCKED if conn.dialect.name == "postgresql" else _SELECT_HEAD
+        row = conn.execute(stmt).first()
+    return None if row is None else tuple(row)
+
+
+_PG_SMALL: dict[tuple[int, int, bool], str] = {}
+
+
+def _pg_small_append(entries: int, nodes: int, outbox: bool) -> str:
+    """One statement for a small append with scalar parameters (cheaper to send than arrays):
+    entry rows, node rows, outbox rows and the new head. One text per shape (at most a few
+    dozen: a single entry adds 1 + the number of trailing one bits of ``seq`` nodes)."""
+    key = (entries, nodes, outbox)
+    sql = _PG_SMALL.get(key)
+    if sql is None:
+        parts = [
+            "WITH e AS (INSERT INTO ledger_entry (seq, ref, kind, ts, data) VALUES "
+            + ", ".join(["(%s, %s, %s, %s, %s)"] * entries)
+            + ")"
+        ]
+        if nodes:
+            parts.append(
+                "n AS (INSERT INTO ledger_node (level, idx, hash) VALUES "
+                + ", ".join(["(%s, %s, %s)"] * nodes)
+                + ")"
+            )
+        if outbox:
+            parts.append(
+                "o AS (INSERT INTO ledger_outbox (seq, status) VALUES "
+                + ", ".join(["(%s, 'pending')"] * entries)
+                + ")"
+            )
+        sql = ", ".join(parts) + " " + _PG_UPDATE_HEAD
+        if len(_PG_SMALL) < 256:
+            _PG_SMALL[key] = sql
+    return sql
+
+
 def _write_rows(
     conn: Connection,
-    entries: Sequence[dict[str, Any]],
+    rows: Sequence[EntryRow],
     nodes: Sequence[Node],
     outbox: bool,
     cr: CompactRange,
@@ -140,42 +212,48 @@ def _write_rows(
     it as ONE statement (data-modifying CTEs), so the ledger costs the write two round trips
     in all: the head lock and this. SQLite (in process): the driver's executemany.
     """
-    head = {"new_size": cr.size, "new_compact": b"".join(cr.hashes)}
+    compact = b"".join(cr.hashes)
     dialect = conn.dialect.name
-    if dialect == "postgresql" and len(entries) >= _COPY_FROM and conn.dialect.driver == "psycopg":
-        _copy_rows(conn, entries, nodes, outbox)
-        conn.execute(_UPDATE_HEAD, head)
+    kind = _raw_kind(conn)
+    if kind == "psycopg" and len(rows) >= _COPY_FROM:
+        _copy_rows(conn, rows, nodes, outbox)
+        conn.exec_driver_sql(_PG_UPDATE_HEAD, (cr.size, compact))
+    elif kind == "psycopg" and len(rows) <= _SMALL_MAX:
+        params: list[Any] = [v for r in rows for v in r]
+        params += [v for n in nodes for v in n]
+        if outbox:
+            params += [r[0] for r in rows]
+        params += [cr.size, compact]
+        raw: Any = conn.connection.driver_connection
+        with raw.cursor() as cur:
+            cur.execute(_pg_small_append(len(rows), len(nodes), outbox), params)
     elif dialect == "postgresql":
-        seqs = [r["seq"] for r in entries]
-        params: list[Any] = [
-            seqs,
-            [r["ref"] for r in entries],
-            [r["kind"] for r in entries],
-            [r["ts"] for r in entries],
-            [r["data"] for r in entries],
-            [n[0] for n in nodes],
-            [n[1] for n in nodes],
-            [n[2] for n in nodes],
-        ]
+        seqs, refs, kinds, tss, datas = (list(c) for c in zip(*rows, strict=True))
+        aparams: list[Any] = [seqs, refs, kinds, tss, datas]
+        aparams += [list(c) for c in zip(*nodes, strict=True)] if nodes else [[], [], []]
         if outbox:
-            params.append(seqs)
-        params += [head["new_size"], head["new_compact"]]
-        conn.exec_driver_sql(_PG_APPEND_OUTBOX if outbox else _PG_APPEND_PLAIN, tuple(params))
-    elif dialect == "sqlite":
-        conn.exec_driver_sql(
-            _SQLITE_INSERT_ENTRY,
-            [(r["seq"], r["ref"], r["kind"], r["ts"], r["data"]) for r in entries],
-        )
-        conn.exec_driver_sql(_SQLITE_INSERT_NODE, [tuple(n) for n in nodes])
+            aparams.append(seqs)
+        aparams += [cr.size, compact]
+        conn.exec_driver_sql(_PG_APPEND_OUTBOX if outbox else _PG_APPEND_PLAIN, tuple(aparams))
+    elif kind == "sqlite":
+        db: Any = conn.connection.driver_connection
+        if len(rows) == 1:
+            db.execute(_SQLITE_INSERT_ENTRY, rows[0])
+        else:
+            db.executemany(_SQLITE_INSERT_ENTRY, rows)
+        db.executemany(_SQLITE_INSERT_NODE, nodes)
         if outbox:
-            conn.exec_driver_sql(_SQLITE_INSERT_OUTBOX, [(r["seq"],) for r in entries])
-        conn.execute(_UPDATE_HEAD, head)
+            db.executemany(_SQLITE_INSERT_OUTBOX, [(r[0],) for r in rows])
+        db.execute(_SQLITE_UPDATE_HEAD, (cr.size, compact))
     else:  # any other SQLAlchemy dialect: the portable statements
-        conn.execute(_INSERT_ENTRY, list(entries))
+        conn.execute(
+            _INSERT_ENTRY,
+            [dict(zip(("seq", "ref", "kind", "ts", "data"), r, strict=True)) for r in rows],
+        )
         DbTreeStore(conn).put_nodes(nodes)
         if outbox:
-            conn.execute(_INSERT_OUTBOX, [{"seq": r["seq"], "status": "pending"} for r in entries])
-        conn.execute(_UPDATE_HEAD, head)
+            conn.execute(_INSERT_OUTBOX, [{"seq": r[0], "status": "pending"} for r in rows])
+        conn.execute(_UPDATE_HEAD, {"new_size": cr.size, "new_compact": compact})
 
 
 class LedgerNotFound(LookupError):
@@ -277,8 +355,7 @@ class EmbeddedLog:
     # -- the head ---------------------------------------------------------------------------
 
     def _lock_head(self, conn: Connection) -> CompactRange:
-        stmt = _SELECT_HEAD_LOCKED if conn.dialect.name == "postgresql" else _SELECT_HEAD
-        row = conn.execute(stmt).first()
+        row = _select_head_raw(conn)
         if row is None:  # an emptied database (the migration inserts the row)
             insert: Any = (
                 postgresql.insert(ledger_head)
@@ -286,8 +363,10 @@ class EmbeddedLog:
                 else sqlite.insert(ledger_head)
             )
             conn.execute(insert.values(id=_HEAD_ID, size=0, compact=b"").on_conflict_do_nothing())
-            row = conn.execute(stmt).one()
-        return _compact_from_row(int(row.size), row.compact)
+            row = _select_head_raw(conn)
+            if row is None:
+                raise MerkleError("ledger_head has no row")
+        return _compact_from_row(int(row[0]), row[1])
 
     def head(self, conn: Connection) -> TreeHead:
         """The current size and root (no lock: a consistent snapshot of the transaction)."""
@@ -308,15 +387,11 @@ class EmbeddedLog:
         """
         if not items:
             return []
-        cr = self._lock_head(conn)
-        entries: list[LedgerEntry] = []
-        entry_rows: list[dict[str, Any]] = []
-        nodes: list[Node] = []
-        for item in items:
-            seq = cr.size
-            entry, data = build_entry_bytes(
-                seq,
-                _us_to_datetime(item.ts_us),
+        # everything but the signature is done before the head lock (ledger.md §2: the lock
+        # is held until the FHIR write commits, so its critical section is kept short)
+        prepared = [
+            prepare_entry(
+                format_ts_us(item.ts_us),
                 item.kind,
                 item.ref,
                 item.event,
@@ -325,12 +400,19 @@ class EmbeddedLog:
                 item.actor,
                 self.keyring,
             )
+            for item in items
+        ]
+        cr = self._lock_head(conn)
+        entries: list[LedgerEntry] = []
+        rows: list[EntryRow] = []
+        nodes: list[Node] = []
+        for item, prep in zip(items, prepared, strict=True):
+            seq = cr.size
+            entry, data = prep.sign(seq)
             nodes.extend(cr.append(leaf_hash(data)))
             entries.append(entry)
-            entry_rows.append(
-                {"seq": seq, "ref": item.ref, "kind": item.kind, "ts": item.ts_us, "data": data}
-            )
-        _write_rows(conn, entry_rows, nodes, self.outbox, cr)
+            rows.append((seq, item.ref, item.kind, item.ts_us, data))
+        _write_rows(conn, rows, nodes, self.outbox, cr)
         return entries
 
     # -- reading ----------------------------------------------------------------------------

@@ -37,13 +37,17 @@ sealed box then holds ``"resource": null`` and ``resource_sha256`` is SHA-256 of
 
 from __future__ import annotations
 
+import binascii
 import datetime as _dt
+import hashlib
 import hmac
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import nacl.bindings
 import orjson
 
 from fhir_consent.crypto import (
@@ -53,7 +57,6 @@ from fhir_consent.crypto import (
     PublicSigningKey,
     SealKeyPair,
     b64decode,
-    b64encode,
     canonical_json,
     canonical_json_text,
     sha256_hex,
@@ -69,7 +72,9 @@ __all__ = [
     "KINDS",
     "EntryError",
     "LedgerEntry",
+    "PreparedEntry",
     "build_entry",
+    "build_entry_at",
     "build_entry_bytes",
     "check_subject",
     "entry_bytes",
@@ -79,7 +84,9 @@ __all__ = [
     "entry_to_dict",
     "event_for_consent",
     "format_ts",
+    "format_ts_us",
     "open_sealed",
+    "prepare_entry",
     "signed_bytes",
     "verify_entry",
 ]
@@ -116,7 +123,14 @@ _KID_RE: Final = re.compile(r"[0-9a-f]{16}")
 _TS_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 _MAX_SEQ: Final = 2**53 - 1  # also exact in JavaScript (browser verifier)
 _SEALED_OVERHEAD: Final = 48  # ephemeral X25519 key + Poly1305 tag
-_PLACEHOLDER_SIG: Final = b64encode(bytes(64))
+_MAX_TS_US: Final = 253_402_300_800_000_000  # 10000-01-01T00:00:00Z
+#: In orjson's output (no whitespace), where a number may start: an object member's value
+#: right after ``":``, an array element right after ``[`` or ``,``; when one does, whether it
+#: is a float (digits then '.', 'e' or 'E') or an integer of 16 digits or more (possibly beyond
+#: 2**53). Times inside strings ("12:00:00.5") do not match (a digit precedes their ':'); a
+#: look-alike inside a string only costs the general path. The first search usually fails.
+_ANY_NUMBER: Final = re.compile(rb'(?:":|[,\[])-?[0-9]')
+_NOT_FAST_NUMBER: Final = re.compile(rb'(?:":|[,\[])-?(?:[0-9]+[.eE]|[0-9]{16})')
 
 
 class EntryError(ValueError):
@@ -335,11 +349,169 @@ def build_entry_bytes(
     keyring: KeyRing,
 ) -> tuple[LedgerEntry, bytes]:
     """:func:`build_entry` and the entry's canonical bytes (:func:`entry_bytes`) at once."""
+    return build_entry_at(
+        seq, format_ts(ts), kind, ref, event, patient_ref, resource_json_bytes, actor, keyring
+    )
+
+
+def format_ts_us(us: int) -> str:
+    """:func:`format_ts` of a time in microseconds since the Unix epoch (UTC), without building
+    a :class:`datetime.datetime` (the embedded log's write path)."""
+    if isinstance(us, bool) or not isinstance(us, int) or not 0 <= us < _MAX_TS_US:
+        raise EntryError("ts must be between 1970 and 9999")
+    sec, frac = divmod(us, 1_000_000)
+    t = time.gmtime(sec)
+    return (
+        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{frac:06d}Z"
+    )
+
+
+class _Kit:
+    """What signing and sealing an entry needs from a :class:`KeyRing`, in the form the
+    libsodium bindings take (looked up once per key, not once per entry)."""
+
+    __slots__ = (
+        "signing",
+        "rms",
+        "pseudonym_key",
+        "sign_sk",
+        "rms_pk",
+        "pseudonym_secret",
+        "kid",
+        "rms_kid",
+        "subject_kid",
+    )
+
+    def __init__(self, keyring: KeyRing) -> None:
+        self.signing = keyring.signing
+        self.rms = keyring.rms_public
+        self.pseudonym_key = keyring.pseudonym_key
+        # libsodium's 64-byte Ed25519 secret key (seed ‖ public key) for crypto_sign
+        self.sign_sk: bytes = nacl.bindings.crypto_sign_seed_keypair(keyring.signing.secret_seed())[
+            1
+        ]
+        self.rms_pk: bytes = keyring.rms_public.public_bytes
+        self.pseudonym_secret: bytes = keyring.pseudonym_key.secret_bytes()
+        self.kid: str = keyring.signing.key_id
+        self.rms_kid: str = keyring.rms_public.key_id
+        self.subject_kid: str = keyring.pseudonym_key.key_id
+
+    def current(self, keyring: KeyRing) -> bool:
+        return (
+            self.signing is keyring.signing
+            and self.rms is keyring.rms_public
+            and self.pseudonym_key is keyring.pseudonym_key
+        )
+
+
+#: Kits by the id of the key ring's signing key (the kit holds that key, so the id cannot be
+#: reused while the kit is cached); a rotated or replaced key simply makes a new kit.
+_KITS: dict[int, _Kit] = {}
+
+
+def _kit(keyring: KeyRing) -> _Kit:
+    kit = _KITS.get(id(keyring.signing))
+    if kit is None or not kit.current(keyring):
+        if len(_KITS) >= 32:
+            _KITS.clear()
+        kit = _KITS[id(keyring.signing)] = _Kit(keyring)
+    return kit
+
+
+def _canonical_resource(raw: bytes) -> tuple[Any, bytes]:
+    """``canonical_json_text(raw)`` with a cheaper test for when orjson's sorted output is
+    already canonical: inside an object or array, a float or a large integer can only start
+    right after ``":``, ``,`` or ``[`` (:data:`_NOT_FAST_NUMBER`), so a regular-expression
+    search over the output finds every candidate (a look-alike inside a string only sends
+    the value down the general path). Everything unusual goes to :func:`canonical_json_text`
+    itself."""
+    try:
+        value = orjson.loads(raw)
+        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        return canonical_json_text(raw)
+    if (
+        not out.isascii()
+        or out[:1] not in (b"{", b"[")
+        or (_ANY_NUMBER.search(out) and _NOT_FAST_NUMBER.search(out))
+        or out.count(b"[") + out.count(b"{") > 100
+    ):
+        return canonical_json_text(raw)
+    return value, out
+
+
+def build_entry_at(
+    seq: int,
+    ts: str,
+    kind: str,
+    ref: str,
+    event: str,
+    patient_ref: str,
+    resource_json_bytes: bytes | None,
+    actor: str,
+    keyring: KeyRing,
+) -> tuple[LedgerEntry, bytes]:
+    """:func:`build_entry_bytes` with ``ts`` already formatted (:func:`format_ts`,
+    :func:`format_ts_us`; it is checked)."""
+    return prepare_entry(
+        ts, kind, ref, event, patient_ref, resource_json_bytes, actor, keyring
+    ).sign(seq)
+
+
+class PreparedEntry:
+    """An entry with everything but its ``seq`` — canonicalised, sealed, pseudonymised and
+    hashed (:func:`prepare_entry`) — so that only signing waits for the log's head lock
+    (:meth:`sign`)."""
+
+    __slots__ = ("_fields", "_sign_sk")
+
+    def __init__(self, fields: dict[str, Any], sign_sk: bytes) -> None:
+        self._fields = fields
+        self._sign_sk = sign_sk
+
+    def sign(self, seq: int) -> tuple[LedgerEntry, bytes]:
+        """The signed entry at position ``seq`` and its canonical bytes (:func:`entry_bytes`).
+
+        Every value is a safe integer or an ASCII string that needs no JSON escaping (checked
+        by :func:`prepare_entry`, or hex / base64 / key ids made there), so orjson's sorted
+        output is the canonical JSON (:func:`fhir_consent.crypto.canonical_json`'s fast path).
+        """
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            raise EntryError("seq must be an integer")
+        if not 0 <= seq <= _MAX_SEQ:
+            raise EntryError("seq out of range")
+        fields = dict(self._fields, seq=seq)
+        signed = nacl.bindings.crypto_sign(
+            orjson.dumps(fields, option=orjson.OPT_SORT_KEYS), self._sign_sk
+        )
+        fields["sig"] = binascii.b2a_base64(signed[:64], newline=False).decode("ascii")
+        return LedgerEntry(**fields), orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+
+
+def prepare_entry(
+    ts: str,
+    kind: str,
+    ref: str,
+    event: str,
+    patient_ref: str,
+    resource_json_bytes: bytes | None,
+    actor: str,
+    keyring: KeyRing,
+) -> PreparedEntry:
+    """Check the inputs of an entry and do all its work that does not depend on ``seq``:
+    canonical JSON of the resource, ``resource_sha256``, the sealed box, ``subject``."""
     m = _REF_RE.fullmatch(ref) if isinstance(ref, str) else None
     if kind not in KINDS or m is None or m.group(1) != kind:
         raise EntryError(f"ref {ref!r} is not a {kind} version reference")
+    if not isinstance(ts, str) or not _TS_RE.fullmatch(ts):
+        raise EntryError("ts must be RFC 3339 UTC like 2024-05-01T12:00:00.000000Z")
+    if event not in (CONSENT_EVENTS if kind == "Consent" else DOCUMENT_EVENTS):
+        raise EntryError(f"event {event!r} is not valid for {kind}")
     if not isinstance(actor, str) or not actor:
         raise EntryError("actor must be a non-empty string")
+    if not isinstance(patient_ref, str) or not patient_ref:
+        raise EntryError("patient_ref must be a non-empty string")
     resource: Any
     if resource_json_bytes is None:
         if event != "deleted":
@@ -347,7 +519,7 @@ def build_entry_bytes(
         resource, resource_canonical = None, b"null"
     else:
         try:
-            resource, resource_canonical = canonical_json_text(resource_json_bytes)
+            resource, resource_canonical = _canonical_resource(resource_json_bytes)
         except ValueError as exc:
             raise EntryError(f"resource cannot be canonicalised: {exc}") from None
         if not isinstance(resource, dict) or resource.get("resourceType") != kind:
@@ -363,27 +535,27 @@ def build_entry_bytes(
         payload = b'{"actor":' + canonical_json(actor) + b',"resource":' + resource_canonical + b"}"
     except ValueError as exc:
         raise EntryError(f"actor cannot be canonicalised: {exc}") from None
-
-    fields: dict[str, Any] = {
-        "seq": seq,
-        "ts": format_ts(ts),
-        "kind": kind,
-        "ref": ref,
-        "event": event,
-        "subject": keyring.pseudonym(patient_ref),
-        "subject_kid": keyring.pseudonym_key.key_id,
-        "resource_sha256": sha256_hex(resource_canonical),
-        "sealed": b64encode(keyring.rms_public.seal(payload)),
-        "rms_kid": keyring.rms_public.key_id,
-        "kid": keyring.signing.key_id,
-    }
-    unsigned = LedgerEntry(**fields, sig=_PLACEHOLDER_SIG)
-    _check_fields(unsigned, built=True)
-    # every field is now an ASCII string or a safe integer: orjson's sorted output is the
-    # canonical JSON (fhir_consent.crypto.canonical_json's fast path) without re-checking
-    sig = b64encode(keyring.signing.sign(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)))
-    fields["sig"] = sig
-    return LedgerEntry(**fields), orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+    kit = _kit(keyring)
+    try:  # the libsodium sealed box of ledger.md §1, to the RMS key (fresh ephemeral key)
+        sealed = nacl.bindings.crypto_box_seal(payload, kit.rms_pk)
+    except Exception:  # noqa: BLE001 - a libsodium failure; never echo its text
+        raise CryptoError("sealing failed") from None
+    return PreparedEntry(
+        {
+            "ts": ts,
+            "kind": kind,
+            "ref": ref,
+            "event": event,
+            # == PseudonymKey.pseudonym (HMAC-SHA-256, hex), by the one-shot OpenSSL call
+            "subject": hmac.digest(kit.pseudonym_secret, patient_ref.encode(), "sha256").hex(),
+            "subject_kid": kit.subject_kid,
+            "resource_sha256": hashlib.sha256(resource_canonical).hexdigest(),
+            "sealed": binascii.b2a_base64(sealed, newline=False).decode("ascii"),
+            "rms_kid": kit.rms_kid,
+            "kid": kit.kid,
+        },
+        kit.sign_sk,
+    )
 
 
 def verify_entry(entry: LedgerEntry, public_keys_by_id: Mapping[str, PublicSigningKey]) -> None:

@@ -13,11 +13,22 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ledger_testkit import consent_json
+from ledger_testkit import TS, consent_json
 
 from fhir_consent.crypto import KeyRing, canonical_json, canonical_json_text
 from fhir_consent.ledger.embedded import EmbeddedLog, NewEntry
-from fhir_consent.ledger.entry import build_entry, build_entry_bytes, entry_bytes, verify_entry
+from fhir_consent.ledger.entry import (
+    _canonical_resource,
+    build_entry,
+    build_entry_bytes,
+    check_subject,
+    entry_bytes,
+    format_ts,
+    format_ts_us,
+    open_sealed,
+    prepare_entry,
+    verify_entry,
+)
 from fhir_consent.ledger.tables import ledger_entry, ledger_node, ledger_outbox
 from fhir_consent.ledger.verify import verify_ledger
 from fhir_consent.store.db import Database
@@ -65,10 +76,34 @@ def test_canonical_json_text_equals_canonical_json(value: Any) -> None:
     assert parsed == orjson.loads(text)
 
 
+@settings(max_examples=500, deadline=None)
+@given(_json)
+def test_ledger_resource_canonicalisation_equals_canonical_json(value: Any) -> None:
+    """The entry builder's own cheaper test (ledger/entry.py ``_canonical_resource``)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return
+    expected = _reference(text)
+    if expected is None:
+        with pytest.raises(ValueError):
+            _canonical_resource(text)
+        return
+    parsed, out = _canonical_resource(text)
+    assert out == expected
+    assert parsed == orjson.loads(text)
+
+
 @pytest.mark.parametrize(
     "text",
     [
         b'{"a":1.0}',
+        b'{"t":"12:00:00.5","a":[1,2.5]}',
+        b'{"a":[0.5]}',
+        b'{"a":-1e-7}',
+        b'{"a":[1,12345678901234567]}',
+        b"1.5",
+        b'"x"',
         b'{"b":[1e2,2]}',
         b'{"\xc3\xa9":1,"z":1}',
         b'{"n":9007199254740993}',
@@ -80,8 +115,68 @@ def test_canonical_json_text_slow_cases(text: bytes) -> None:
     if expected is None:
         with pytest.raises(ValueError):
             canonical_json_text(text)
+        with pytest.raises(ValueError):
+            _canonical_resource(text)
     else:
         assert canonical_json_text(text)[1] == expected
+        assert _canonical_resource(text)[1] == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 253_402_300_799_999_999))
+def test_format_ts_us_equals_format_ts(us: int) -> None:
+    import datetime as dt
+
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    assert format_ts_us(us) == format_ts(epoch + dt.timedelta(microseconds=us))
+
+
+@pytest.mark.parametrize("bad", [-1, 253_402_300_800_000_000, True, 1.5])
+def test_format_ts_us_rejects_out_of_range(bad: Any) -> None:
+    with pytest.raises(ValueError):
+        format_ts_us(bad)
+
+
+def test_prepared_entries_verify_open_and_name_the_patient(tmp_path: Path) -> None:
+    """Sealed before the seq is known, signed after: the same checks as any entry."""
+    ring = KeyRing.generate(tmp_path / "keys")
+    prep = prepare_entry(
+        format_ts_us(1_714_564_800_000_001),
+        "Consent",
+        "Consent/c1/_history/1",
+        "proposed",
+        "Patient/p1",
+        consent_json(),
+        "Organization/o2",
+        ring,
+    )
+    first, data = prep.sign(7)
+    second, _ = prep.sign(8)  # the same sealed box, another position: both signed
+    for entry in (first, second):
+        verify_entry(entry, ring.verify_keys())
+        check_subject(entry, "Patient/p1", ring.pseudonym_keys())
+        assert open_sealed(entry, ring.rms_keypairs())["actor"] == "Organization/o2"
+    assert data == entry_bytes(first) and (first.seq, second.seq) == (7, 8)
+    assert first.subject == ring.pseudonym("Patient/p1")
+    with pytest.raises(ValueError):
+        prep.sign(-1)
+    with pytest.raises(ValueError):
+        prep.sign(True)
+    # a rotated key ring signs with its new key at once (no stale cached key material)
+    rotated = KeyRing.rotate_signing_key(tmp_path / "keys")
+    entry, _ = build_entry_bytes(
+        0,
+        TS,
+        "Consent",
+        "Consent/c1/_history/1",
+        "proposed",
+        "Patient/p1",
+        consent_json(),
+        "x",
+        rotated,
+    )
+    assert entry.kid == rotated.signing.key_id != ring.signing.key_id
+    verify_entry(entry, rotated.verify_keys())
 
 
 def test_build_entry_bytes_are_the_canonical_bytes(tmp_path: Path) -> None:

@@ -145,8 +145,6 @@ def _seq_of(entry: bytes) -> int | None:
     return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 
 
-
-
 def _secret_file_text(path: Path) -> str:
     try:
         st = os.stat(path)
@@ -556,4 +554,3 @@ class EvmEngine:
 
     def close(self) -> None:
         self._client.close()
-

@@ -311,4 +311,3 @@ class WavesEngine:
 
     def close(self) -> None:
         self._client.close()
-
