@@ -16,7 +16,8 @@ responses get ``data`` here, decrypted from the document store:
   §3.1.1.5.7, the tag the server uses for ``_summary``). The same happens when access to the
   content is refused, the content has been crypto-shredded, or it fails its integrity check
   (logged, ids only). Clients fetch such content with ``GET Binary/{id}``, which streams it
-  (raw or as FHIR JSON) whatever its size.
+  (raw or as FHIR JSON) whatever its size. Search entries that ``_summary`` or ``_elements``
+  already subsetted are left as they are.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ def _subsetted(resource: dict[str, Any]) -> dict[str, Any]:
     meta["tag"] = [*tags, SUBSETTED]
     out["meta"] = meta
     return out
+
+
+def _is_subsetted(resource: dict[str, Any]) -> bool:
+    """Already a subset (``_summary``/``_elements``): left as the search shaped it."""
+    tags = (resource.get("meta") or {}).get("tag") or ()
+    return any(isinstance(t, dict) and t.get("code") == "SUBSETTED" for t in tags)
 
 
 class BinaryInliner:
@@ -162,7 +169,7 @@ class BinaryInliner:
             if not isinstance(resource, dict):
                 continue
             rtype = resource.get("resourceType")
-            if rtype == "Binary":
+            if rtype == "Binary" and not _is_subsetted(resource):
                 entry["resource"] = self.inline(conn, access, resource, budget)
             elif rtype == "Bundle":
                 self._walk(conn, access, resource, budget)

@@ -4,8 +4,8 @@ content, with content negotiation, ranges, access checks and auditing.
 * ``POST Binary`` (``If-None-Exist`` honoured) / ``PUT Binary/{id}`` take the raw bytes with
   their own Content-Type (streamed, encrypted chunk by chunk, never held whole in memory) or a
   FHIR Binary JSON whose ``data`` is base64. ``X-Security-Context`` sets
-  ``Binary.securityContext`` (R4 binary.html "Security Context"). The response is the Binary's
-  metadata (without ``data``).
+  ``Binary.securityContext`` (R4 binary.html "Security Context"). The response is the Binary
+  with ``data`` up to ``inline_data_max_bytes``, else tagged SUBSETTED (:mod:`.inline`).
 * ``PATCH Binary/{id}`` applies a JSON Patch to the Binary as a client reads it (with
   ``data``) and stores the result as an update; see
   :meth:`~fhir_consent.documents.service.DocumentHooks.patch_source`.
