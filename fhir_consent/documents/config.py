@@ -80,6 +80,20 @@ class DocumentSettings(BaseSettings):
         "decrypted once and sent from memory; larger ones are decrypted a second time while "
         "streaming, so memory per download stays below this bound either way.",
     )
+    inline_data_max_bytes: int = Field(
+        default=_MiB,
+        ge=0,
+        description="Largest content put inline as base64 Binary.data where a Binary is "
+        "returned as FHIR JSON other than by GET Binary/[id] (write responses, search and "
+        "history bundles, batch/transaction responses); larger content is left out and the "
+        "Binary is tagged SUBSETTED (GET Binary/[id] streams any size).",
+    )
+    inline_data_budget_bytes: int = Field(
+        default=16 * _MiB,
+        ge=0,
+        description="Total content one such response (e.g. a search page) puts inline; "
+        "Binaries beyond it are tagged SUBSETTED without data.",
+    )
     master_key_file: Path = Field(
         default=Path("./keys/documents/master-keys.json"),
         description="Master key ring file (created with a fresh key on first use, mode 0600). "

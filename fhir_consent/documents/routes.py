@@ -4,8 +4,8 @@ content, with content negotiation, ranges, access checks and auditing.
 * ``POST Binary`` (``If-None-Exist`` honoured) / ``PUT Binary/{id}`` take the raw bytes with
   their own Content-Type (streamed, encrypted chunk by chunk, never held whole in memory) or a
   FHIR Binary JSON whose ``data`` is base64. ``X-Security-Context`` sets
-  ``Binary.securityContext`` (R4 binary.html "Security Context"). The response is the Binary's
-  metadata (without ``data``).
+  ``Binary.securityContext`` (R4 binary.html "Security Context"). The response is the Binary
+  with ``data`` up to ``inline_data_max_bytes``, else tagged SUBSETTED (:mod:`.inline`).
 * ``PATCH Binary/{id}`` applies a JSON Patch to the Binary as a client reads it (with
   ``data``) and stores the result as an update; see
   :meth:`~fhir_consent.documents.service.DocumentHooks.patch_source`.
@@ -35,7 +35,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import parse_qsl
 
@@ -59,6 +59,7 @@ from fhir_consent.documents.access import (
 )
 from fhir_consent.documents.config import DocumentSettings
 from fhir_consent.documents.errors import ContentDestroyed, IntegrityFailure
+from fhir_consent.documents.inline import BinaryInliner
 from fhir_consent.documents.service import (
     DocumentHooks,
     log_integrity,
@@ -120,6 +121,10 @@ class Documents:
     access: BinaryAccess
     audit: DownloadAudit
     installed: tuple[tuple[Any, ...], tuple[Any, ...]] = ((), ())  # routes, limit rules
+    inliner: BinaryInliner = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inliner = BinaryInliner(self)
 
 
 def _get_docs(request: Request) -> Documents:
@@ -261,7 +266,26 @@ def build_router() -> APIRouter:
 
         return await run_in_threadpool(run)
 
-    def written(request: Request, docs: Documents, result: WriteResult) -> Response:
+    def represent(
+        conn: Connection,
+        docs: Documents,
+        access: AccessContext,
+        result: WriteResult,
+        prefer: str,
+        *,
+        sent: bool,
+    ) -> dict[str, Any] | None:
+        """The Binary the write response returns, with ``data`` (:mod:`.inline`), in the
+        write's transaction; None unless ``Prefer: return=representation`` (the default).
+        ``sent``: the caller sent this content itself (not audited as a download)."""
+        if prefer != "representation" or result.row.content is None:
+            return None
+        resource = strip_blob_extension(orjson.loads(result.row.content))
+        return docs.inliner.inline(conn, access, resource, audit=not sent)
+
+    def written(
+        request: Request, docs: Documents, result: WriteResult, body: dict[str, Any] | None
+    ) -> Response:
         row = result.row
         headers = {
             "ETag": etag(row.version_id),
@@ -276,8 +300,7 @@ def build_router() -> APIRouter:
             text = "Created" if result.created else "Updated"
             outcome = operation_outcome([Issue(text, "informational", "information")])
             return fhir_response(outcome, status, headers)
-        assert row.content is not None
-        body = strip_blob_extension(orjson.loads(row.content))
+        assert body is not None
         return fhir_response(body, status, headers)
 
     async def upload(
@@ -320,14 +343,15 @@ def build_router() -> APIRouter:
             if current is not None and not docs.access(conn, access, rid, interaction):
                 raise NotFound(f"Binary/{rid} is not known")
 
-        def run(conn: Connection) -> WriteResult:
+        def run(conn: Connection) -> tuple[WriteResult, dict[str, Any] | None]:
             result = store(conn)
             if result.existing:  # a conditional create that matched discloses the match
                 _audit_read(docs, access, result.row)
             else:
                 action = "create" if result.created else "update"
                 _audit_change(docs, conn, access, action, result.row)
-            return result
+            shown = represent(conn, docs, access, result, prefer, sent=not result.existing)
+            return result, shown
 
         def store(conn: Connection) -> WriteResult:
             check_existing(conn)
@@ -363,8 +387,9 @@ def build_router() -> APIRouter:
                         return service.create("Binary", meta)
                     return service.update("Binary", rid, meta, if_match=if_match)
 
+        prefer = parse_prefer(request).get("return", "representation")
         try:
-            result = await in_db(docs, access, run, write=True)
+            result, shown = await in_db(docs, access, run, write=True)
         except BaseException:
             if spool is not None:
                 await _discard(docs, spool)
@@ -374,7 +399,7 @@ def build_router() -> APIRouter:
                 spool.close()
         if spool is not None and not spool_used:  # e.g. a conditional create that matched
             await _discard(docs, spool)
-        return written(request, docs, result)
+        return written(request, docs, result, shown)
 
     @router.post("/Binary")
     async def create_binary(request: Request, docs: Docs) -> Response:
@@ -406,16 +431,18 @@ def build_router() -> APIRouter:
             raise BadRequest("The request body is not valid JSON") from None
         if_match = parse_if_match(request.headers.get("if-match"))
 
-        def run(conn: Connection) -> WriteResult:
+        def run(conn: Connection) -> tuple[WriteResult, dict[str, Any] | None]:
             current = Repository(conn).current("Binary", rid, for_update=True)
             if current is not None and not docs.access(conn, access, rid, Interaction.UPDATE):
                 raise NotFound(f"Binary/{rid} is not known")
             with owner_hint(access.patient):
                 result = docs.fhir.service(conn).patch("Binary", rid, ops, if_match=if_match)
             _audit_change(docs, conn, access, "patch", result.row)
-            return result
+            # the content a patch kept was not sent by the caller: audited as a download
+            return result, represent(conn, docs, access, result, prefer, sent=False)
 
-        return written(request, docs, await in_db(docs, access, run, write=True))
+        prefer = parse_prefer(request).get("return", "representation")
+        return written(request, docs, *(await in_db(docs, access, run, write=True)))
 
     @router.delete("/Binary/{rid:fhir_consent_id}")
     async def delete_binary(rid: str, request: Request, docs: Docs) -> Response:

@@ -5,9 +5,9 @@ superseding — all inside the write's own database transaction.
   has its ``data`` moved into encrypted blob storage; the stored resource keeps only the
   metadata a client may see, and ``document_versions`` records which blob holds each
   version's content. Nothing internal is in the stored resource, so the generic FHIR paths
-  that serve stored bytes (search, history, bundles, ``_include``) cannot expose it; they show
-  a Binary's metadata, and its content is served only by ``GET Binary/{id}`` (raw or as a FHIR
-  Binary with ``data``), behind the document access checks and the download audit.
+  that serve stored bytes (search, history, bundles, ``_include``) cannot expose it; their
+  Binaries get ``data`` from :mod:`.inline` (the FHIR context's bundle filter), behind the
+  same access checks and download audit as ``GET Binary/{id}`` (raw or FHIR JSON).
 * **PATCH** of a Binary (R4 http.html §3.1.0.6) applies to the form a client reads — the
   resource *with* its ``data`` — and is then an update (:meth:`DocumentHooks.patch_source`).
   A patch that does not touch ``/data`` keeps the stored content without reading it; one

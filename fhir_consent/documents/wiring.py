@@ -134,6 +134,7 @@ def install(
         audit=audit if audit is not None else no_audit,
         installed=(tuple(ours), tuple(rules)),
     )
+    ctx.bundle_filters.append(documents.inliner)
     app.state.documents = documents
     app.add_exception_handler(StorageFull, storage_full)
     return documents
@@ -148,6 +149,7 @@ def uninstall(app: Any) -> None:
     ctx.prewrites[:] = [h for h in ctx.prewrites if h != hooks.prewrite]
     ctx.listeners[:] = [h for h in ctx.listeners if h != hooks.listener]
     ctx.patch_sources[:] = [h for h in ctx.patch_sources if h != hooks.patch_source]
+    ctx.bundle_filters[:] = [f for f in ctx.bundle_filters if f is not documents.inliner]
     routes, rules = documents.installed
     app.router.routes[:] = [r for r in app.router.routes if all(r is not o for o in routes)]
     remove_limit_rules(app, rules)

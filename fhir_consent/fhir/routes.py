@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 import anyio.to_thread
@@ -82,6 +82,7 @@ from fhir_consent.store.repository import (
 from smart_on_fhir.scopes import Interaction, ScopeDecision
 
 __all__ = [
+    "BundleFilter",
     "FHIRContext",
     "Gate",
     "build_router",
@@ -116,6 +117,16 @@ _AUDIT_NAMES = {
 }
 
 
+class BundleFilter(Protocol):
+    """Rewrites a Bundle's bytes before they are sent (the document store puts ``Binary.data``
+    into Binary entries), in the request's transaction. ``applies`` is a cheap test on the
+    bytes; the filter runs only when it holds."""
+
+    def applies(self, body: bytes) -> bool: ...
+
+    def __call__(self, conn: Connection, access: AccessContext, body: bytes) -> bytes: ...
+
+
 @dataclass(slots=True)
 class FHIRContext:
     """Everything a request handler needs; lives on ``app.state.fhir``."""
@@ -133,6 +144,14 @@ class FHIRContext:
     token_check: TokenCheck | None = None
     consent: ConsentEnforcer | None = None
     audit: AuditSink | None = None
+    bundle_filters: list[BundleFilter] = field(default_factory=list)
+
+    def filter_bundle(self, conn: Connection, access: AccessContext, body: bytes) -> bytes:
+        """``body`` through every :class:`BundleFilter` that applies to it."""
+        for flt in self.bundle_filters:
+            if flt.applies(body):
+                body = flt(conn, access, body)
+        return body
 
     def audited(self, gate: Gate) -> AuditSink | None:
         """The audit sink when this request is audited (every authenticated request)."""
@@ -370,8 +389,15 @@ def build_router() -> APIRouter:
             max_count=ctx.settings.max_page_size,
             return_minimal=parse_prefer(request).get("return") == "minimal",
         )
-        result = await anyio.to_thread.run_sync(process_bundle, body, bctx, limiter=ctx.db.limiter)
-        return fhir_response(result)
+
+        def run() -> bytes:
+            out = orjson.dumps(process_bundle(body, bctx))
+            if any(f.applies(out) for f in ctx.bundle_filters):
+                with ctx.db.read() as conn:
+                    out = ctx.filter_bundle(conn, access, out)
+            return out
+
+        return fhir_response(await anyio.to_thread.run_sync(run, limiter=ctx.db.limiter))
 
     async def _search(
         request: Request, ctx: Ctx, rtype: str, items: list[tuple[str, str]]
@@ -395,7 +421,8 @@ def build_router() -> APIRouter:
 
         def run(conn: Connection, vis: Visibility) -> bytes:
             restrict = search_restrictions(gate.access, rtype, gate.now, vis.consent)
-            return execute_search(conn, parsed, base, restrict, seen)
+            found = execute_search(conn, parsed, base, restrict, seen)
+            return ctx.filter_bundle(conn, gate.access, found)
 
         body = await in_db(ctx, gate, run)
         if sink is not None and seen is not None:
@@ -564,9 +591,10 @@ def build_router() -> APIRouter:
             )
             total = repo.count_history(rtype, rid, since, restrict)
             history_rows.extend(rows[:count])
-            return _history_bundle(
+            found = _history_bundle(
                 base, rtype, rid, rows, count, total, since_raw=q.get("_since"), cursor=before
             )
+            return ctx.filter_bundle(conn, gate.access, found)
 
         history_rows: list[VersionRow] = []
         body = await in_db(ctx, gate, run)

@@ -5,20 +5,17 @@ running the app in-process."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import uvicorn
 from conftest import FHIR_JSON
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from livekit import LiveServer
 from starlette.requests import Request
 
 from fhir_consent.app import create_core_app
@@ -256,40 +253,3 @@ def inquiry(
         "policyRule": {"coding": [{"system": ACTCODE, "code": "OPTOUT"}]},
         "provision": provision,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class LiveServer:
-    """The app served by uvicorn on a loopback port, in this process (real HTTP, real
-    concurrency; the injected authenticator still applies)."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{uuid.uuid4()}")
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/fhir"
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)

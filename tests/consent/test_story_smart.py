@@ -21,22 +21,16 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from argon2 import PasswordHasher
-from consent_kit import LiveServer, document, inquiry
-from fastapi.testclient import TestClient
-from smart.kit import AUTH, BASE, World
+from consent_kit import document, inquiry
+from livekit import LiveServer, backend_token, smart_world
+from smart.kit import World
 
-from fhir_consent.app import create_app
 from fhir_consent.audit import AuditSink
-from fhir_consent.config import Settings
 from fhir_consent.documents import DocumentSettings
 from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.ledger.entry import entry_from_bytes, open_sealed
 from fhir_consent.ledger.tables import ledger_entry
-from fhir_consent.store.db import Database
-from smart_on_fhir import users as users_module
-from smart_on_fhir.client_auth import ASSERTION_TYPE, sign_client_assertion
-from smart_on_fhir.keys import KeySet, SigningKey, generate_signing_key
+from smart_on_fhir.keys import generate_signing_key
 
 PATIENT_SCOPES = "openid fhirUser launch/patient patient/*.cruds"
 JSON = {"accept": "application/fhir+json", "content-type": "application/fhir+json"}
@@ -46,17 +40,6 @@ JSON = {"accept": "application/fhir+json", "content-type": "application/fhir+jso
 def story(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[World, LiveServer, AuditSink]]:
-    cheap = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
-    monkeypatch.setattr(users_module, "_hasher", lambda: cheap)
-    keys = tmp_path / "keys"
-    KeySet.generate().save(keys)
-    settings = Settings(
-        database_url=db_url,
-        auto_migrate=False,
-        db_pool_size=4,
-        smart_keys_dir=str(keys),
-        public_base_url=f"{BASE}/fhir",  # token audience, whichever host serves the request
-    )
     layers: dict[str, Any] = {
         "ledger": LedgerSettings(_env_file=None, keys_dir=str(tmp_path / "ledger")),  # type: ignore[call-arg]
         "documents": DocumentSettings(
@@ -65,42 +48,10 @@ def story(
             blob_backend="db",
         ),
     }
-    app = create_app(settings, **layers)
-    sink = app.state.fhir.audit
-    assert sink is not None  # the server audits every authenticated request
-    seed_app = create_app(settings.model_copy(update={"open_access": True}), **layers)
-    db = Database(db_url, pool_size=2)
-    try:
-        with TestClient(app, base_url=BASE) as http, TestClient(seed_app, base_url=BASE) as seed:
-            with LiveServer(app) as server:
-                yield World(http=http, seed=seed, db=db), server, sink
-    finally:
-        db.dispose()
-
-
-def backend_token(world: World, key: SigningKey, organization: str, scope: str) -> str:
-    created = world.add_client(
-        "confidential-asymmetric",
-        scope=scope,
-        redirect_uris=(),
-        organization=organization,
-        client_name=f"{organization} system",
-        jwks={"keys": [dict(key.as_dict(private=False))]},
-    )
-    cid = created.client.client_id
-    assertion = sign_client_assertion(key, client_id=cid, token_url=f"{AUTH}/token")
-    r = world.http.post(
-        f"{AUTH}/token",
-        data={
-            "grant_type": "client_credentials",
-            "scope": scope,
-            "client_assertion_type": ASSERTION_TYPE,
-            "client_assertion": assertion,
-        },
-    )
-    assert r.status_code == 200, r.text
-    token: str = r.json()["access_token"]
-    return token
+    with smart_world(db_url, tmp_path, monkeypatch, **layers) as (world, server, app):
+        sink = app.state.fhir.audit
+        assert sink is not None  # the server audits every authenticated request
+        yield world, server, sink
 
 
 def test_full_story_with_real_tokens(story: tuple[World, LiveServer, AuditSink]) -> None:

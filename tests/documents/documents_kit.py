@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,20 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-import uvicorn
-from conftest import FHIR_JSON, free_port
+from conftest import FHIR_JSON
 from fastapi.testclient import TestClient
-from starlette.requests import Request
+from livekit import Caller, LiveServer
 
 from fhir_consent.app import create_app, create_core_app
-from fhir_consent.auth import AccessContext
 from fhir_consent.config import Settings
 from fhir_consent.consent.enforcement import PurposeOfUse
 from fhir_consent.documents import Documents, DocumentSettings, DownloadEvent, install
 from fhir_consent.ledger.api import install as install_ledger
 from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.store.tables import metadata
-from smart_on_fhir.scopes import parse_scopes
 
 __all__ = [
     "FHIR_JSON",
@@ -50,27 +45,6 @@ __all__ = [
     "pdf_bytes",
     "sha1_b64",
 ]
-
-
-class Caller:
-    """Switch who the app thinks is calling."""
-
-    def __init__(self) -> None:
-        self.access = AccessContext(scopes=None)
-
-    async def __call__(self, _request: Request) -> AccessContext:
-        return self.access
-
-    def patient(self, pid: str, scopes: str = "patient/*.cruds") -> None:
-        self.access = AccessContext(
-            scopes=parse_scopes(scopes), patient=pid, fhir_user=f"Patient/{pid}", subject="u1"
-        )
-
-    def user(self, scopes: str) -> None:
-        self.access = AccessContext(scopes=parse_scopes(scopes), fhir_user="Practitioner/x")
-
-    def open(self) -> None:
-        self.access = AccessContext(scopes=None)
 
 
 LEDGER_ORIGIN = "documents.example/ledger"
@@ -215,36 +189,6 @@ def at_rest(docs: Documents) -> bytes:
                 if file.is_file():
                     parts.append(file.read_bytes())
     return b"\x00".join(parts)
-
-
-class LiveServer:
-    """The app served by uvicorn on a loopback port, in this process (real HTTP; the app's
-    lifespan is run by the TestClient the caller holds)."""
-
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}")
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/fhir"
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
 
 
 def inquiry(patient: str, recipients: list[str]) -> dict[str, Any]:

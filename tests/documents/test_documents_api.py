@@ -74,7 +74,7 @@ def test_every_upload_path_is_encrypted_at_rest_and_downloads_identically(env: D
             "/fhir/Binary", content=content, headers={"content-type": ctype, **_accept()}
         )
         assert r.status_code == 201, r.text
-        assert "data" not in r.json() and r.headers["location"].endswith("/_history/1")
+        assert r.json()["data"] == b64(content) and r.headers["location"].endswith("/_history/1")
         ref = f"Binary/{r.json()['id']}"
         linked = env.post_json("DocumentReference", document(pid, url=ref, contentType=ctype))
         documents.append(linked["id"])
@@ -85,7 +85,7 @@ def test_every_upload_path_is_encrypted_at_rest_and_downloads_identically(env: D
         body = {"resourceType": "Binary", "contentType": ctype, "data": b64(content)}
         body["securityContext"] = {"reference": f"Patient/{pid}"}
         created = env.post_json("Binary", body)
-        assert "data" not in created and "meta" in created
+        assert created["data"] == b64(content) and "meta" in created
         assert BLOB_EXTENSION not in orjson.dumps(created).decode()
         uploads[f"Binary/{created['id']}"] = (content, ctype)
 
@@ -172,26 +172,28 @@ def _accept() -> dict[str, str]:
     return {"accept": "application/fhir+json"}
 
 
-def test_generic_reads_never_carry_content_or_allow_forged_blobs(env: DocEnv) -> None:
+def test_generic_reads_carry_content_but_never_storage_or_forged_blobs(env: DocEnv) -> None:
     pid = env.patient()
     content = pdf_bytes(marker())
     doc = env.post_json("DocumentReference", document(pid, content))
     bid = binary_ref(doc).split("/")[1]
-    # The search result (generic route) holds metadata only: no content, no storage pointer.
+    # The search result (generic route) holds the content as data, no storage pointer.
     found = env.client.get(f"/fhir/Binary?_id={bid}", headers=FHIR_JSON).json()
     stored = found["entry"][0]["resource"]
-    assert "data" not in stored and "extension" not in stored.get("meta", {})
+    assert stored["data"] == b64(content) and "extension" not in stored.get("meta", {})
     # The blob id never reaches a client; take it from the database (a leaked id, say).
     with env.docs.fhir.db.read() as conn:
         blob_id = conn.execute(
             sa.select(document_blobs.c.blob_id).where(document_blobs.c.binary_id == bid)
         ).scalar_one()
     assert blob_id not in orjson.dumps(found).decode()
-    # Type and instance history stay with the generic routes (metadata only).
+    # Type and instance history stay with the generic routes (with data, as a read).
     for path in ("Binary/_history", f"Binary/{bid}/_history"):
         r = env.client.get(f"/fhir/{path}", headers=FHIR_JSON)
         assert r.status_code == 200 and r.json()["type"] == "history"
-        assert all("data" not in e["resource"] for e in r.json()["entry"])
+        mine = [e["resource"] for e in r.json()["entry"] if e["resource"]["id"] == bid]
+        assert mine and all(b["data"] == b64(content) for b in mine)
+        assert blob_id not in r.text
     # A client cannot point a new Binary at someone else's blob.
     forged = {
         "resourceType": "Binary",

@@ -23,10 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
-from argon2 import PasswordHasher
 from documents_kit import (
     LEDGER_ORIGIN,
-    LiveServer,
     at_rest,
     b64,
     cda_bytes,
@@ -36,18 +34,13 @@ from documents_kit import (
     pdf_bytes,
     sha1_b64,
 )
-from fastapi.testclient import TestClient
-from smart.kit import AUTH, BASE, World
+from livekit import LiveServer, backend_token, smart_world
+from smart.kit import World
 
-from fhir_consent.app import create_app
-from fhir_consent.config import Settings
 from fhir_consent.ledger import verify_proof
 from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.ledger.verify import verify_ledger
-from fhir_consent.store.db import Database
-from smart_on_fhir import users as users_module
-from smart_on_fhir.client_auth import ASSERTION_TYPE, sign_client_assertion
-from smart_on_fhir.keys import KeySet, SigningKey, generate_signing_key
+from smart_on_fhir.keys import generate_signing_key
 
 JSON = {"accept": "application/fhir+json", "content-type": "application/fhir+json"}
 PATIENT_SCOPES = "openid fhirUser launch/patient patient/*.cruds"
@@ -58,17 +51,6 @@ CDA = "application/hl7-cda+xml"
 def server(
     request: pytest.FixtureRequest, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[World, LiveServer, Any]]:
-    cheap = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
-    monkeypatch.setattr(users_module, "_hasher", lambda: cheap)
-    keys = tmp_path / "keys"
-    KeySet.generate().save(keys)
-    settings = Settings(
-        database_url=db_url,
-        auto_migrate=False,
-        db_pool_size=4,
-        smart_keys_dir=str(keys),
-        public_base_url=f"{BASE}/fhir",  # token audience, whichever host serves the request
-    )
     layers: dict[str, Any] = {
         "ledger": LedgerSettings(
             _env_file=None,  # type: ignore[call-arg]
@@ -77,41 +59,8 @@ def server(
         ),
         "documents": doc_settings(tmp_path, str(request.param)),
     }
-    app = create_app(settings, **layers)
-    seed_app = create_app(settings.model_copy(update={"open_access": True}), **layers)
-    db = Database(db_url, pool_size=2)
-    try:
-        with TestClient(app, base_url=BASE) as http, TestClient(seed_app, base_url=BASE) as seed:
-            with LiveServer(app) as live:
-                yield World(http=http, seed=seed, db=db), live, app
-    finally:
-        db.dispose()
-
-
-def backend_token(world: World, key: SigningKey, organization: str, scope: str) -> str:
-    """A SMART backend-services token for an Organization's system (client credentials)."""
-    created = world.add_client(
-        "confidential-asymmetric",
-        scope=scope,
-        redirect_uris=(),
-        organization=organization,
-        client_name=f"{organization} system",
-        jwks={"keys": [dict(key.as_dict(private=False))]},
-    )
-    cid = created.client.client_id
-    assertion = sign_client_assertion(key, client_id=cid, token_url=f"{AUTH}/token")
-    r = world.http.post(
-        f"{AUTH}/token",
-        data={
-            "grant_type": "client_credentials",
-            "scope": scope,
-            "client_assertion_type": ASSERTION_TYPE,
-            "client_assertion": assertion,
-        },
-    )
-    assert r.status_code == 200, r.text
-    token: str = r.json()["access_token"]
-    return token
+    with smart_world(db_url, tmp_path, monkeypatch, **layers) as found:
+        yield found
 
 
 def patient_token(world: World, pid: str) -> str:

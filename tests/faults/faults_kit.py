@@ -10,17 +10,16 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from livekit import free_port, wait_for, wait_port
 
 __all__ = [
     "PG_BIN",
@@ -39,37 +38,6 @@ HERE = Path(__file__).resolve().parent
 PG_BIN = Path(os.environ.get("FHIR_CONSENT_PG_BIN", "/usr/lib/postgresql/15/bin"))
 WAVES_SENDER = "3NotQaBygbSvYZW4ftJ2ZwLXex4rTHY1Qzn"
 WAVES_KEY = "fake-node-api-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"process exited with {proc.returncode}") from None
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 30, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 def child_pids(pid: int) -> list[int]:

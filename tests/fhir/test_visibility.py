@@ -12,33 +12,10 @@ from typing import Any
 import pytest
 from conftest import FHIR_JSON
 from fastapi.testclient import TestClient
-from starlette.requests import Request
+from livekit import Caller
 
 from fhir_consent.app import create_core_app
-from fhir_consent.auth import AccessContext
 from fhir_consent.config import Settings
-from smart_on_fhir.scopes import parse_scopes
-
-
-class Caller:
-    """Switch who the app thinks is calling."""
-
-    def __init__(self) -> None:
-        self.access = AccessContext(scopes=None)
-
-    async def __call__(self, _request: Request) -> AccessContext:
-        return self.access
-
-    def patient(self, pid: str, scopes: str = "patient/*.cruds") -> None:
-        self.access = AccessContext(
-            scopes=parse_scopes(scopes), patient=pid, fhir_user=f"Patient/{pid}", subject="u1"
-        )
-
-    def user(self, scopes: str) -> None:
-        self.access = AccessContext(scopes=parse_scopes(scopes), fhir_user="Practitioner/x")
-
-    def open(self) -> None:
-        self.access = AccessContext(scopes=None)
 
 
 @pytest.fixture

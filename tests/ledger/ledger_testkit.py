@@ -11,7 +11,6 @@ import datetime as dt
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from livekit import wait_for, wait_port
 
 from fhir_consent.crypto import KeyRing
 from fhir_consent.ledger.entry import LedgerEntry, build_entry
@@ -189,19 +189,6 @@ def ledger_app(settings: Any, lsettings: Any) -> Any:
     return app
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"process exited with {proc.returncode}") from None
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port}")
-
-
 def anvil_binary() -> str | None:
     """The native anvil binary: $FHIR_CONSENT_ANVIL, .tools/ (npm), or PATH."""
     env = os.environ.get("FHIR_CONSENT_ANVIL")
@@ -311,11 +298,3 @@ class ThreadedServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
-
-
-def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(interval)
