@@ -88,6 +88,7 @@ __all__ = [
     "entry_gate",
     "gate_for",
     "in_db",
+    "serve_create",
     "serve_read",
 ]
 
@@ -318,6 +319,29 @@ async def serve_read(
     return fhir_response(row.content, 200, _read_headers(row))
 
 
+async def serve_create(ctx: FHIRContext, request: Request, rtype: str) -> Response:
+    """R4 create (and conditional create with ``If-None-Exist``). Shared by the router and
+    :class:`~fhir_consent.fhir.fastpath.FastRead`."""
+    check_accept(request)
+    _check_type(rtype)
+    gate = await gate_for(request, ctx, rtype, Interaction.CREATE)
+    resource = await _body(request)
+    ine = request.headers.get("if-none-exist")
+    criteria = parse_qsl(ine.lstrip("?"), keep_blank_values=True) if ine is not None else None
+
+    def run(conn: Connection, vis: Visibility) -> WriteResult:
+        service = ctx.service(conn, vis)
+        result = service.create(rtype, resource, if_none_exist=criteria, validated=True)
+        _audit_write(ctx, conn, gate, "create" if result.created else "read", result.row)
+        return result
+
+    def validate() -> None:
+        validate_resource(resource, rtype)
+
+    result = await in_db(ctx, gate, run, write=True, prepare=validate)
+    return _written(request, ctx, result)
+
+
 async def _open_read(
     db: Database, rtype: str, rid: str, vid: str | None
 ) -> CurrentRow | VersionRow | None:
@@ -420,24 +444,9 @@ def build_router() -> APIRouter:
 
     @router.post("/{rtype}")
     async def create(rtype: str, request: Request, ctx: Ctx) -> Response:
-        check_accept(request)
-        _check_type(rtype)
-        gate = await gate_for(request, ctx, rtype, Interaction.CREATE)
-        resource = await _body(request)
-        ine = request.headers.get("if-none-exist")
-        criteria = parse_qsl(ine.lstrip("?"), keep_blank_values=True) if ine is not None else None
+        return await serve_create(ctx, request, rtype)
 
-        def run(conn: Connection, vis: Visibility) -> WriteResult:
-            service = ctx.service(conn, vis)
-            result = service.create(rtype, resource, if_none_exist=criteria, validated=True)
-            _audit_write(ctx, conn, gate, "create" if result.created else "read", result.row)
-            return result
-
-        def validate() -> None:
-            validate_resource(resource, rtype)
-
-        result = await in_db(ctx, gate, run, write=True, prepare=validate)
-        return _written(request, ctx, result)
+    create.fhir_fast_path = "create"  # type: ignore[attr-defined]  # see fastpath.FastRead
 
     @router.get("/{rtype}/_history")
     async def type_history(rtype: str, request: Request, ctx: Ctx) -> Response:
