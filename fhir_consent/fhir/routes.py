@@ -244,12 +244,15 @@ async def in_db(
     """Run ``fn`` with the request's connection and visibility, after the per-request token
     check (a revoked token fails on its next call).
 
-    Writes run in a transaction in a worker thread. ``quick`` marks a short read of a few
-    single-statement queries (read, vread): it runs without a transaction (every statement
-    sees the latest committed data, as READ COMMITTED statements do) and, where the database
-    allows it (:attr:`Database.inline_reads`), on the event loop's own connection: a
-    primary-key look-up costs less than the hop to a worker thread. ``prepare`` runs in the
-    worker thread before the transaction opens (work that needs no database, such as
+    Writes run in a transaction in a worker thread; on SQLite
+    (:attr:`Database.group_writes`) in a savepoint of a transaction shared with the writes
+    queued meanwhile, committed once (:meth:`Database.write_grouped`). ``quick`` marks a
+    short read of a few single-statement queries (read, vread): it runs without a
+    transaction (every statement sees the latest committed data, as READ COMMITTED
+    statements do) and, where the database allows it (:attr:`Database.inline_reads`), on the
+    event loop's own connection: a primary-key look-up costs less than the hop to a worker
+    thread. ``prepare`` runs before the transaction opens (in the worker thread; on the event
+    loop for group commits), so work that needs no database, such as
     validating the body, then never holds SQLite's write lock)."""
 
     def run(conn: Connection) -> T:
@@ -268,6 +271,13 @@ async def in_db(
             return run(conn)
 
     try:
+        if write and ctx.db.group_writes:
+            # SQLite: the body is checked here (CPU work: a hop to a worker thread would only
+            # add to it), then the write joins the group commit (one writer, one COMMIT for
+            # every write queued meanwhile, a savepoint each)
+            if prepare is not None:
+                prepare()
+            return await ctx.db.write_grouped(run)
         if quick and ctx.db.inline_reads:
             try:
                 return ctx.db.run_inline(run)
