@@ -1,7 +1,8 @@
 """The FHIR R4 REST surface (R4 http.html). Handlers parse, call a service, map the result.
 
-Database work runs in the thread pool (SQLAlchemy is synchronous); the event loop only parses
-and serializes. Reads return the stored bytes as they are.
+Database work runs in the thread pool (SQLAlchemy is synchronous) — writes in the group
+commit's writer threads (:meth:`~fhir_consent.store.db.Database.write_grouped`); the event
+loop parses, validates write bodies and serializes. Reads return the stored bytes as they are.
 """
 
 from __future__ import annotations
