@@ -1,5 +1,6 @@
-"""A short path for the hottest interaction: ``GET [base]/{type}/{id}`` (read) and
-``GET [base]/{type}/{id}/_history/{vid}`` (vread) without query parameters.
+"""A short path for the hottest interactions: ``GET [base]/{type}/{id}`` (read),
+``GET [base]/{type}/{id}/_history/{vid}`` (vread) and ``POST [base]/{type}`` (create), without
+query parameters.
 
 :class:`FastRead` is an ASGI layer just in front of the router (inside CORS, the body limit
 and the error handlers). For a request of exactly that shape it calls
@@ -13,6 +14,11 @@ are not valid FHIR ids (the router answers 400), types this server does not stor
 type whose read the application routes elsewhere (the document store's ``Binary`` routes):
 for each type the layer asks the router which endpoint it would pick, and serves only those
 where that is the generic read or vread (re-checked whenever the routes change).
+
+A create is served likewise by :func:`~fhir_consent.fhir.routes.serve_create` (the router's
+create endpoint) for the types whose ``POST`` the router sends there (not ``Binary``: the
+document store takes those); exceptions with an application handler (a database that is
+down: 503) are answered by that handler, as the router's exception layer would.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fhir_consent.errors import FHIRError
 from fhir_consent.fhir.http import fhir_response
-from fhir_consent.fhir.routes import FHIRContext, serve_read
+from fhir_consent.fhir.routes import FHIRContext, serve_create, serve_read
 from fhir_consent.fhir.validation import SUPPORTED_TYPES, is_valid_id
 
 __all__ = ["FAST_PATH_ATTRIBUTE", "FastRead"]
@@ -34,6 +40,7 @@ __all__ = ["FAST_PATH_ATTRIBUTE", "FastRead"]
 #: Attribute the router's read and vread endpoints carry ("read" / "vread").
 FAST_PATH_ATTRIBUTE = "fhir_fast_path"
 _SUPPORTED = frozenset(SUPPORTED_TYPES)
+_METHODS = frozenset({"GET", "POST"})
 #: Ids the route probe tries per type: a route of another layer that takes only some ids
 #: (e.g. ``{rid:uuid}``) still turns the short path off for that type.
 _PROBE_IDS = ("x", "1", "0f8fad5b-d9cb-469f-a165-70867728950e")
@@ -49,7 +56,8 @@ class FastRead:
         self._served: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "GET" or scope.get("query_string"):
+        method = scope.get("method")
+        if scope["type"] != "http" or method not in _METHODS or scope.get("query_string"):
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
@@ -60,6 +68,20 @@ class FastRead:
             await self.app(scope, receive, send)
             return
         parts = path[len(self.prefix) :].split("/")
+        if method == "POST":
+            rtype = parts[0]
+            route = (
+                self._route(scope, rtype, "create")
+                if len(parts) == 1 and rtype in _SUPPORTED
+                else None
+            )
+            if route is None:
+                await self.app(scope, receive, send)
+                return
+            _record(scope, route, {"rtype": rtype})
+            request = Request(scope, receive)
+            await self._answer(scope, receive, send, request, serve_create, rtype)
+            return
         if len(parts) == 2:
             rtype, rid, vid, kind = parts[0], parts[1], None, "read"
         elif len(parts) == 4 and parts[2] == "_history" and parts[3]:
@@ -72,28 +94,34 @@ class FastRead:
         if route is None:
             await self.app(scope, receive, send)
             return
-        # as the router would have recorded it (the ops layer names requests by their route)
-        scope["route"] = route
-        scope["path_params"] = {"rtype": rtype, "rid": rid} | ({"vid": vid} if vid else {})
-        ctx: FHIRContext = scope["app"].state.fhir
+        _record(scope, route, {"rtype": rtype, "rid": rid} | ({"vid": vid} if vid else {}))
         request = Request(scope, receive)
+        await self._answer(scope, receive, send, request, serve_read, rtype, rid, vid)
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, send: Send, request: Request, serve: Any, *args: Any
+    ) -> None:
+        app = scope["app"]
+        ctx: FHIRContext = app.state.fhir
         try:
-            response = await serve_read(ctx, request, rtype, rid, vid)
+            response = await serve(ctx, request, *args)
         except FHIRError as exc:  # as the application's FHIRError handler renders it
             response = fhir_response(exc.outcome(), exc.status, exc.headers)
         except Exception as exc:
-            # This layer sits outside Starlette's ExceptionMiddleware: hand the error to the
-            # application's own handler for it (a database outage → 503), as the router would.
-            handler = _handler_for(scope["app"], exc)
+            # This layer sits outside Starlette's ExceptionMiddleware: answer as the router's
+            # exception layer would (a database that is down: 503); anything without a handler
+            # goes on to the server-error layer, as there.
+            handler = _handler_for(app, exc)
             if handler is None:
                 raise
-            answer = handler(request, exc)
-            response = await answer if inspect.isawaitable(answer) else answer
+            response = handler(request, exc)
+            if inspect.isawaitable(response):
+                response = await response
         await response(scope, receive, send)
 
     def _route(self, scope: Scope, rtype: str, kind: str) -> Any:
-        """The router's generic read/vread route if the router would send this request to
-        it, else None."""
+        """The router's generic read/vread/create route if the router would send this
+        request to it, else None."""
         app = scope.get("app")
         routes = getattr(getattr(app, "router", None), "routes", None)
         if routes is None:
@@ -105,22 +133,46 @@ class FastRead:
         if (rtype, kind) not in self._served:
             root = scope.get("root_path", "")
             suffix = "/_history/1" if kind == "vread" else ""
+            paths = (
+                [f"{self.prefix}{rtype}"]
+                if kind == "create"
+                else [f"{self.prefix}{rtype}/{rid}{suffix}" for rid in _PROBE_IDS]
+            )
             probes: list[Scope] = [
                 {
                     "type": "http",
-                    "method": "GET",
-                    "path": f"{root}{self.prefix}{rtype}/{rid}{suffix}",
+                    "method": "POST" if kind == "create" else "GET",
+                    "path": f"{root}{path}",
                     "root_path": root,
                     "query_string": b"",
                     "headers": [],
                 }
-                for rid in _PROBE_IDS
+                for path in paths
             ]
             found = [_endpoint(routes, probe) for probe in probes]
             first = found[0][1] if found[0] is not None else None
             same = all(f is not None and f[0] == kind and f[1] is first for f in found)
             self._served[(rtype, kind)] = first if same else None
         return self._served[(rtype, kind)]
+
+
+def _record(scope: Scope, route: Any, params: dict[str, str]) -> None:
+    """Record the route as the router would have (the ops layer names requests by it)."""
+    scope["route"] = route
+    scope["path_params"] = params
+
+
+def _handler_for(app: Any, exc: Exception) -> Any:
+    """The application's exception handler for ``exc`` (by class, most specific first),
+    except the catch-all ``Exception`` one, which belongs to the server-error layer."""
+    handlers = getattr(app, "exception_handlers", {})
+    for cls in type(exc).__mro__:
+        if cls is Exception:
+            return None
+        handler = handlers.get(cls)
+        if handler is not None:
+            return handler
+    return None
 
 
 def _endpoint(routes: list[Any], probe: Scope) -> tuple[str, Any] | None:
@@ -140,13 +192,4 @@ def _endpoint(routes: list[Any], probe: Scope) -> tuple[str, Any] | None:
             return (mark, found) if isinstance(mark, str) else None
         if match == Match.PARTIAL:
             return None
-    return None
-
-
-def _handler_for(app: Any, exc: Exception) -> Any:
-    """The application's exception handler for ``exc`` (most specific class first), if any."""
-    handlers = getattr(app, "exception_handlers", {})
-    for cls in type(exc).__mro__:
-        if cls in handlers:
-            return handlers[cls]
     return None

@@ -1,7 +1,8 @@
 """The FHIR R4 REST surface (R4 http.html). Handlers parse, call a service, map the result.
 
-Database work runs in the thread pool (SQLAlchemy is synchronous); the event loop only parses
-and serializes. Reads return the stored bytes as they are.
+Database work runs in the thread pool (SQLAlchemy is synchronous) — writes in the group
+commit's writer threads (:meth:`~fhir_consent.store.db.Database.write_grouped`); the event
+loop parses, validates write bodies and serializes. Reads return the stored bytes as they are.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ __all__ = [
     "entry_gate",
     "gate_for",
     "in_db",
+    "serve_create",
     "serve_read",
 ]
 
@@ -262,12 +264,15 @@ async def in_db(
     """Run ``fn`` with the request's connection and visibility, after the per-request token
     check (a revoked token fails on its next call).
 
-    Writes run in a transaction in a worker thread. ``quick`` marks a short read of a few
-    single-statement queries (read, vread): it runs without a transaction (every statement
-    sees the latest committed data, as READ COMMITTED statements do) and, where the database
-    allows it (:attr:`Database.inline_reads`), on the event loop's own connection: a
-    primary-key look-up costs less than the hop to a worker thread. ``prepare`` runs in the
-    worker thread before the transaction opens (work that needs no database, such as
+    Writes run in a transaction in a worker thread; on SQLite
+    (:attr:`Database.group_writes`) in a savepoint of a transaction shared with the writes
+    queued meanwhile, committed once (:meth:`Database.write_grouped`). ``quick`` marks a
+    short read of a few single-statement queries (read, vread): it runs without a
+    transaction (every statement sees the latest committed data, as READ COMMITTED
+    statements do) and, where the database allows it (:attr:`Database.inline_reads`), on the
+    event loop's own connection: a primary-key look-up costs less than the hop to a worker
+    thread. ``prepare`` runs before the transaction opens (in the worker thread; on the event
+    loop for group commits), so work that needs no database, such as
     validating the body, then never holds SQLite's write lock)."""
 
     def run(conn: Connection) -> T:
@@ -286,6 +291,13 @@ async def in_db(
             return run(conn)
 
     try:
+        if write and ctx.db.group_writes:
+            # SQLite: the body is checked here (CPU work: a hop to a worker thread would only
+            # add to it), then the write joins the group commit (one writer, one COMMIT for
+            # every write queued meanwhile, a savepoint each)
+            if prepare is not None:
+                prepare()
+            return await ctx.db.write_grouped(run)
         if quick and ctx.db.inline_reads:
             try:
                 return ctx.db.run_inline(run)
@@ -335,6 +347,29 @@ async def serve_read(
         )
         _audit_read(ctx, gate, "vread", [row])
     return fhir_response(row.content, 200, _read_headers(row))
+
+
+async def serve_create(ctx: FHIRContext, request: Request, rtype: str) -> Response:
+    """R4 create (and conditional create with ``If-None-Exist``). Shared by the router and
+    :class:`~fhir_consent.fhir.fastpath.FastRead`."""
+    check_accept(request)
+    _check_type(rtype)
+    gate = await gate_for(request, ctx, rtype, Interaction.CREATE)
+    resource = await _body(request)
+    ine = request.headers.get("if-none-exist")
+    criteria = parse_qsl(ine.lstrip("?"), keep_blank_values=True) if ine is not None else None
+
+    def run(conn: Connection, vis: Visibility) -> WriteResult:
+        service = ctx.service(conn, vis)
+        result = service.create(rtype, resource, if_none_exist=criteria, validated=True)
+        _audit_write(ctx, conn, gate, "create" if result.created else "read", result.row)
+        return result
+
+    def validate() -> None:
+        validate_resource(resource, rtype)
+
+    result = await in_db(ctx, gate, run, write=True, prepare=validate)
+    return _written(request, ctx, result)
 
 
 async def _open_read(
@@ -447,24 +482,9 @@ def build_router() -> APIRouter:
 
     @router.post("/{rtype}")
     async def create(rtype: str, request: Request, ctx: Ctx) -> Response:
-        check_accept(request)
-        _check_type(rtype)
-        gate = await gate_for(request, ctx, rtype, Interaction.CREATE)
-        resource = await _body(request)
-        ine = request.headers.get("if-none-exist")
-        criteria = parse_qsl(ine.lstrip("?"), keep_blank_values=True) if ine is not None else None
+        return await serve_create(ctx, request, rtype)
 
-        def run(conn: Connection, vis: Visibility) -> WriteResult:
-            service = ctx.service(conn, vis)
-            result = service.create(rtype, resource, if_none_exist=criteria, validated=True)
-            _audit_write(ctx, conn, gate, "create" if result.created else "read", result.row)
-            return result
-
-        def validate() -> None:
-            validate_resource(resource, rtype)
-
-        result = await in_db(ctx, gate, run, write=True, prepare=validate)
-        return _written(request, ctx, result)
+    create.fhir_fast_path = "create"  # type: ignore[attr-defined]  # see fastpath.FastRead
 
     @router.get("/{rtype}/_history")
     async def type_history(rtype: str, request: Request, ctx: Ctx) -> Response:

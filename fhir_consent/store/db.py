@@ -19,11 +19,14 @@ invalidates the pool (SQLAlchemy's disconnect handling).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -128,6 +131,14 @@ class Database:
         )
         self._async_size = max(2, min(pool_size, 8))
         self._write_lock = threading.RLock() if self.is_sqlite else None
+        #: SQLite: request writes share transactions (:meth:`write_grouped`)
+        self.group_writes = True
+        # One writer thread: SQLite admits one writer at a time anyway; on PostgreSQL two
+        # writers' groups could lock the same rows in opposite orders (a deadlock, 503s)
+        # where one-request transactions never would. (Several overlapped round trips, but
+        # gained little in-process: wall time per create 1.7 → 1.6 ms at 32 in flight.)
+        self._group_threads = 1
+        self._group_writer: _GroupWriter | None = None
         # Connections of run_inline, one per thread, outside the pool (a thread that ends
         # must not keep a pooled connection checked out): thread id -> (thread, connection).
         self._inline_engine: Engine | None = None
@@ -159,6 +170,26 @@ class Database:
             conn = conn.execution_options(fhir_write=True)
             with conn.begin():
                 yield conn
+
+    async def write_grouped(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in a write transaction shared with other requests' writes (SQLite's
+        group commit): one writer thread takes every write queued meanwhile, runs each in its
+        own savepoint of one transaction (a write that fails is rolled back to its savepoint:
+        it writes nothing, the others go on) and commits them together, once; each caller's
+        result is handed back after that commit. ``fn`` runs in the caller's context
+        (:mod:`contextvars`), on the writer thread. Only for SQLite (see :attr:`group_writes`).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        item = _GroupItem(fn, contextvars.copy_context(), loop, future)
+        writer = self._group_writer
+        if writer is None:
+            with self._inline_lock:
+                writer = self._group_writer
+                if writer is None:
+                    writer = self._group_writer = _GroupWriter(self, self._group_threads)
+        writer.submit(item)
+        return await future
 
     @contextmanager
     def _writer(self) -> Iterator[None]:
@@ -271,6 +302,9 @@ class Database:
         return await pool.fetchone(sql, params)
 
     def dispose(self) -> None:
+        writer, self._group_writer = self._group_writer, None
+        if writer is not None:
+            writer.stop()
         for pool in list(self._async_pools.values()):
             pool.close()
         self._async_pools.clear()
@@ -281,6 +315,116 @@ class Database:
             if self._inline_engine is not None:
                 self._inline_engine.dispose()
         self.engine.dispose()
+
+
+@dataclass(slots=True)
+class _GroupItem:
+    fn: Callable[[Connection], Any]
+    context: contextvars.Context
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    result: Any = None
+    error: BaseException | None = None
+
+
+def _settle(items: list[_GroupItem]) -> None:
+    """On the event loop: hand each caller its result or error (unless it gave up)."""
+    for item in items:
+        if item.future.done():
+            continue
+        if item.error is not None:
+            item.future.set_exception(item.error)
+        else:
+            item.future.set_result(item.result)
+
+
+class _GroupWriter:
+    """The writer threads of :meth:`Database.write_grouped`: each takes every queued write, runs
+    each in a savepoint of one transaction, commits once, then settles the callers' futures
+    (on their event loops)."""
+
+    #: most writes in one transaction (bounds the latency a batch adds to its first writer)
+    MAX_BATCH = 32
+
+    def __init__(self, db: Database, threads: int = 1) -> None:
+        self.db = db
+        self.queue: deque[_GroupItem] = deque()
+        self.wake = threading.Condition(threading.Lock())
+        self.stopping = False
+        self.threads = [
+            threading.Thread(target=self._run, name=f"fhir-group-writer-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, item: _GroupItem) -> None:
+        with self.wake:
+            if self.stopping:
+                raise RuntimeError("the database is closed")
+            self.queue.append(item)
+            self.wake.notify()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify_all()
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=_WRITE_WAIT)
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not self.queue and not self.stopping:
+                    self.wake.wait()
+                if not self.queue:
+                    return
+                n = min(len(self.queue), self.MAX_BATCH)
+                batch = [self.queue.popleft() for _ in range(n)]
+            try:
+                self._commit(batch)
+            finally:
+                by_loop: dict[asyncio.AbstractEventLoop, list[_GroupItem]] = {}
+                for item in batch:
+                    by_loop.setdefault(item.loop, []).append(item)
+                for loop, items in by_loop.items():
+                    try:
+                        loop.call_soon_threadsafe(_settle, items)
+                    except RuntimeError:  # that event loop is closed: nobody waits any more
+                        pass
+
+    def _commit(self, batch: list[_GroupItem]) -> None:
+        try:
+            with self.db.write() as conn:
+                if len(batch) == 1:  # alone: the transaction is its savepoint
+                    item = batch[0]
+                    item.result = item.context.run(item.fn, conn)
+                    return
+                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                failure = conn.dialect.loaded_dbapi.Error
+                for i, item in enumerate(batch):
+                    # A savepoint per write, never released (RELEASE would be one more round
+                    # trip each; COMMIT ends them all): a write that fails is rolled back to
+                    # it, which undoes exactly that write.
+                    name = f"fhir_group_{i}"
+                    try:
+                        cursor.execute(f"SAVEPOINT {name}")
+                    except failure:
+                        conn.exec_driver_sql(f"SAVEPOINT {name}")  # raises SQLAlchemy's error
+                    try:
+                        item.result = item.context.run(item.fn, conn)
+                    except Exception as exc:  # noqa: BLE001 - handed to its caller
+                        item.error = exc
+                        item.result = None
+                        conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {name}")
+        except BaseException as exc:  # noqa: BLE001 - the commit (or the batch) failed
+            for item in batch:
+                if item.error is None:
+                    item.error = exc
+                    item.result = None
+            if not isinstance(exc, Exception):
+                raise
 
 
 class _AsyncPool:

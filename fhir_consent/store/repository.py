@@ -144,6 +144,35 @@ def driver_cursor(conn: Connection) -> Any:
     return cursor
 
 
+def _driver(conn: Connection, sql: str, params: Any, *, many: bool = False) -> Any:
+    """Run a fixed write statement on the driver's kept cursor (SQLAlchemy's execution layer
+    costs more than the statement on a create's hot path). A driver error is raised as
+    SQLAlchemy raises it (``IntegrityError`` …; a lost connection is invalidated), not
+    replayed: a failed statement changed nothing, and the caller's transaction is rolled
+    back anyway."""
+    cursor = driver_cursor(conn)
+    try:
+        if many:
+            cursor.executemany(sql, params)
+        else:
+            cursor.execute(sql, params)
+    except conn.dialect.loaded_dbapi.Error as exc:
+        gone = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
+        if gone:
+            conn.invalidate()
+        raise sa.exc.DBAPIError.instance(
+            sql,
+            params,
+            exc,
+            conn.dialect.loaded_dbapi.Error,
+            hide_parameters=True,
+            connection_invalidated=gone,
+            dialect=conn.dialect,
+            ismulti=many,
+        ) from exc
+    return cursor
+
+
 def _stored(content: str | bytes) -> bytes:
     """Stored JSON as bytes (as the engine's ``json_deserializer`` hands it back)."""
     return content.encode("utf-8") if isinstance(content, str) else bytes(content)
@@ -308,16 +337,18 @@ class Repository:
         PostgreSQL: one statement (data-modifying CTEs, index rows as ``unnest`` arrays), so a
         create is one round trip. SQLite: one ``executemany`` per index table."""
         text = content.decode("utf-8")
+        conn = self.conn
         if self.is_postgres:
             params = {"t": res_type, "i": res_id, "now": now, "m": method, "c": text}
             params.update(_index_arrays(index))
-            pk = int(self.conn.exec_driver_sql(_PG_INSERT, params).scalar_one())
-            return CurrentRow(pk, res_type, res_id, 1, now, False, content)
-        result = self.conn.exec_driver_sql(_SQLITE_INSERT, (res_type, res_id, 1, now, 0, text))
-        pk = result.lastrowid
+            row = _driver(conn, _PG_INSERT, params).fetchone()
+            return CurrentRow(int(row[0]), res_type, res_id, 1, now, False, content)
+        pk = _driver(conn, _SQLITE_INSERT, (res_type, res_id, 1, now, 0, text)).lastrowid
         assert pk is not None
-        self.conn.exec_driver_sql(_SQLITE_VERSION, (res_type, res_id, 1, now, 0, method, text))
-        self._write_index_sqlite(pk, res_type, index)
+        _driver(conn, _SQLITE_VERSION, (res_type, res_id, 1, now, 0, method, text))
+        for sql, rows in _index_tuples(pk, res_type, index):
+            if rows:
+                _driver(conn, sql, rows, many=True)
         return CurrentRow(pk, res_type, res_id, 1, now, False, content)
 
     def insert_many(

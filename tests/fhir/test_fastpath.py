@@ -5,11 +5,14 @@ compared byte for byte, with the headers that matter."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+import sqlalchemy as sa
 from conftest import load_example
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -21,6 +24,7 @@ from fhir_consent.fhir import fastpath
 from fhir_consent.fhir.fastpath import FastRead
 from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.store.db import Database, DatabaseBusy
+from fhir_consent.store.repository import Repository
 
 BASE = "https://testserver"
 ORIGIN = "https://app.example.org"
@@ -181,3 +185,90 @@ def test_short_path_falls_back_when_the_database_is_busy(
         assert r.content == plain.get(path).content
     assert fast.get(f"/fhir/Patient/{ids['pid']}").content == expected.content
     assert len(served) == 3  # the short path took them, then read in a worker thread
+
+
+@pytest.fixture
+def created(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Paths whose create the short path served."""
+    seen: list[str] = []
+    original = fastpath.serve_create
+
+    async def counting(ctx: Any, request: Any, *args: Any) -> Any:
+        seen.append(request.url.path)
+        return await original(ctx, request, *args)
+
+    monkeypatch.setattr(fastpath, "serve_create", counting)
+    return seen
+
+
+def _without_server_parts(body: dict[str, Any]) -> dict[str, Any]:
+    """A created resource without what the server assigns (id, meta)."""
+    return {k: v for k, v in body.items() if k not in ("id", "meta")}
+
+
+def _creates() -> list[tuple[str, bytes, dict[str, str], bool]]:
+    """(path, body, headers, whether the short path may serve it)."""
+    patient = orjson.dumps(load_example("Patient-example"))
+    bad = orjson.dumps({"resourceType": "Patient", "gender": "sometimes"})
+    return [
+        ("/fhir/Patient", patient, JSON, True),
+        ("/fhir/Patient", patient, {**JSON, "prefer": "return=minimal"}, True),
+        ("/fhir/Patient", patient, {**JSON, "prefer": "return=OperationOutcome"}, True),
+        ("/fhir/Patient", patient, {**JSON, "origin": ORIGIN}, True),
+        ("/fhir/Patient", bad, JSON, True),  # 400/422 OperationOutcome
+        ("/fhir/Patient", b'{"resourceType": "Patient", "birthDate": 1}', JSON, True),
+        ("/fhir/Patient", b"not json", JSON, True),  # 400
+        ("/fhir/Patient", b"", JSON, True),  # 400
+        ("/fhir/Patient", patient, {"content-type": "text/plain"}, True),  # 415
+        ("/fhir/Patient", patient, {**JSON, "accept": "application/fhir+xml"}, True),  # 406
+        ("/fhir/Organization", patient, JSON, True),  # type mismatch
+        ("/fhir/Patient", patient, {**JSON, "if-none-exist": "identifier=urn:x|none"}, True),
+        ("/fhir/Patient", patient, {**JSON, "if-none-exist": "identifier=urn:x|none"}, True),
+        ("/fhir/Binary", b"%PDF-1.4 x", {"content-type": "application/pdf"}, False),
+        ("/fhir/Unknown", patient, JSON, False),  # 404 from the router
+        ("/fhir/Patient?_format=json", patient, JSON, False),
+        ("/fhir/Patient/", patient, JSON, False),
+        ("/fhir", orjson.dumps({"resourceType": "Bundle", "type": "batch"}), JSON, False),
+    ]
+
+
+def test_short_path_creates_as_the_router(
+    clients: tuple[TestClient, TestClient], created: list[str]
+) -> None:
+    fast, plain = clients
+    for path, body, headers, eligible in _creates():
+        before = len(created)
+        a = fast.post(path, content=body, headers=headers, follow_redirects=False)
+        b = plain.post(path, content=body, headers=headers, follow_redirects=False)
+        assert a.status_code == b.status_code, (path, headers, a.text, b.text)
+        assert len(created) - before == (1 if eligible else 0), (path, headers)
+        if path.startswith("/fhir/Binary"):
+            assert a.status_code == 201  # the document store's own create
+        elif a.status_code == 201 and a.content and a.json()["resourceType"] != "OperationOutcome":
+            assert _without_server_parts(a.json()) == _without_server_parts(b.json())
+            where = f"{BASE}/fhir/{a.json()['resourceType']}/{a.json()['id']}/_history/1"
+            assert a.headers["location"] == where
+            assert fast.get(a.headers["location"]).json() == a.json()
+        else:
+            assert a.content == b.content, (path, headers)
+        for name in ("content-type", "etag", "access-control-allow-origin", "vary"):
+            assert a.headers.get(name) == b.headers.get(name), (path, name)
+    assert len(created) == sum(1 for *_x, eligible in _creates() if eligible)
+
+
+def test_short_path_create_answers_503_when_the_database_is_down(
+    clients: tuple[TestClient, TestClient], monkeypatch: pytest.MonkeyPatch, created: list[str]
+) -> None:
+    fast, plain = clients
+
+    def down(*_args: Any, **_kwargs: Any) -> Any:
+        locked = sqlite3.OperationalError("database is locked")
+        raise sa.exc.OperationalError("INSERT", None, locked)
+
+    monkeypatch.setattr(Repository, "insert", down)
+    body = orjson.dumps(load_example("Patient-example"))
+    a = fast.post("/fhir/Patient", content=body, headers=JSON)
+    b = plain.post("/fhir/Patient", content=body, headers=JSON)
+    assert (a.status_code, a.content) == (b.status_code, b.content)
+    assert a.status_code == 503 and a.headers["retry-after"] == "2"
+    assert len(created) == 1
