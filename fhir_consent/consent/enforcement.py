@@ -297,9 +297,7 @@ class RequestFilter:
             return ref if ref in self._own else None
         if not src.patient:
             return None
-        first = conn.execute(
-            _FIRST_PATIENT, {"pk": row.pk, "params": list(src.patient)}
-        ).scalar()
+        first = conn.execute(_FIRST_PATIENT, {"pk": row.pk, "params": list(src.patient)}).scalar()
         if first is None:
             return None
         ref = f"Patient/{first}"

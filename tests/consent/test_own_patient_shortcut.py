@@ -85,10 +85,7 @@ def test_own_reads_build_no_consent_filter_and_are_audited(env: Env) -> None:
             if any(a.get("who", {}).get("reference") == who.fhir_user for a in e["agent"])
         ]
         read = {
-            ent["what"]["reference"]
-            for e in events
-            for ent in e.get("entity", [])
-            if "what" in ent
+            ent["what"]["reference"] for e in events for ent in e.get("entity", []) if "what" in ent
         }
         assert {P, f"DocumentReference/{doc}"} <= read
         assert {e.get("outcomeDesc") for e in events} == {f"Access permitted ({reason})"}
