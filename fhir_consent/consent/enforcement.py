@@ -340,12 +340,16 @@ class RequestFilter:
         known = self._decided.get((rtype, row.res_id, row.version_id))
         if known is not None:
             return known  # decided on the request path (own patient): no re-parse
-        if rtype != "AuditEvent" and self._sql is None:
-            # a lazy filter that never needed the Consents (e.g. the row was refused by the
-            # compartment before consent was asked): nothing the Consents decided to explain
-            return None
         resource = orjson.loads(row.content)
         rows = searchparams.extract(resource)
+        if rtype != "AuditEvent" and self._sql is None:
+            # a lazy filter that never needed the Consents: an older version of an own
+            # patient's resource (vread, history), or a row the compartment refused before
+            # consent was asked (nothing the Consents decided to explain)
+            own = indexed_facts(rtype, row.res_id, rows).patient
+            if own is not None and own in self._own:
+                return Explanation(True, self._self_reason(own), patient=own)
+            return None
         if rtype == "AuditEvent":
             mine = {
                 f"Patient/{r.target_id}"

@@ -68,6 +68,7 @@ def _audits(env: Env, patient: str) -> list[dict[str, Any]]:
 def test_own_reads_build_no_consent_filter_and_are_audited(env: Env) -> None:
     env.as_open()
     doc = env.post(document(P))
+    env.put({"resourceType": "Patient", "id": "pp", "active": True})  # version 2
     _deny_everyone(env, P)
     enforcement = env.layer.enforcement
     for who, reason in (
@@ -78,6 +79,7 @@ def test_own_reads_build_no_consent_filter_and_are_audited(env: Env) -> None:
         before = enforcement.builds
         assert env.get("Patient/pp").status_code == 200
         assert env.get(f"DocumentReference/{doc}").status_code == 200
+        assert env.get("Patient/pp/_history/1").status_code == 200  # an older version
         assert enforcement.builds == before, who.fhir_user
         events = [
             e
