@@ -54,6 +54,7 @@ from fhir_consent.consent.config import ConsentSettings
 from fhir_consent.consent.index import _walk, inquirers_of
 from fhir_consent.consent.rules import decide, is_legal_representative, normalize_reference
 from fhir_consent.consent.sql import (
+    FACT_SOURCES,
     PATIENT_DATA_TYPES,
     Predicate,
     RequestConstants,
@@ -200,19 +201,57 @@ class _Compiled:
 
 class RequestFilter:
     """``fhir_consent.fhir.visibility.ConsentFilter`` for one request: SQL predicates per type,
-    single-row checks with the same predicate, and :meth:`explain` for the audit trail."""
+    single-row checks with the same predicate, and :meth:`explain` for the audit trail.
+
+    A filter made with ``build`` (``filter_for(..., lazy=True)``) loads and compiles the
+    Consents only when something needs them: a row of the requester's own patient (the patient
+    themself or one they legally represent) is visible whatever the Consents say (consent.md
+    §3), so :meth:`permits` answers it from the requester set alone and remembers the decision
+    for :meth:`explain`. Anything else builds the full filter on the request's connection,
+    inside its transaction.
+    """
 
     def __init__(
         self,
-        sql: SQLDecision,
+        sql: SQLDecision | None,
         *,
         fhir_user: Ref | None,
         break_glass_enabled: bool,
+        build: Callable[[], SQLDecision] | None = None,
+        requesters: frozenset[Ref] | None = None,
+        own_patients: frozenset[Ref] | None = None,
     ) -> None:
-        self.sql = sql
-        self.constants = sql.rc
+        if sql is not None:
+            requesters = sql.rc.requesters if requesters is None else requesters
+            own_patients = sql.rc.own_patients if own_patients is None else own_patients
+        if requesters is None or own_patients is None or (sql is None and build is None):
+            raise ValueError("a lazy RequestFilter needs build, requesters and own_patients")
+        self._sql = sql
+        self._build = build
+        self._requesters: frozenset[Ref] = requesters
+        self._own: frozenset[Ref] = own_patients
         self.fhir_user = fhir_user
         self.break_glass_enabled = break_glass_enabled
+        #: decisions taken without the Consents (own patient), by (type, id, version)
+        self._decided: dict[tuple[str, str, int], Explanation] = {}
+
+    @property
+    def built(self) -> bool:
+        """Whether the Consents have been loaded and compiled for this request."""
+        return self._sql is not None
+
+    @property
+    def sql(self) -> SQLDecision:
+        """The compiled decision (built on first use for a lazy filter)."""
+        if self._sql is None:
+            assert self._build is not None
+            self._sql = self._build()
+            self._build = None
+        return self._sql
+
+    @property
+    def constants(self) -> RequestConstants:
+        return self.sql.rc
 
     def with_dependents(self, dependents: Mapping[Ref, frozenset[Ref]]) -> RequestFilter:
         """The same filter with the ``dependents`` data references resolved elsewhere (a
@@ -236,7 +275,36 @@ class RequestFilter:
     @property
     def requesters(self) -> frozenset[Ref]:
         """The requester set of consent.md §1."""
-        return self.constants.requesters
+        return self._requesters
+
+    @property
+    def own_patients(self) -> frozenset[Ref]:
+        """The patients the requester is, or legally represents (consent.md §3)."""
+        return self._own
+
+    def _own_patient(self, conn: Connection, row: CurrentRow) -> Ref | None:
+        """The row's patient when it is one of the requester's own patients, else None.
+
+        The same patient the SQL and :meth:`explain` judge by: the resource itself for
+        Patient, otherwise the first patient reference among the type's patient parameters
+        (in index order, which is extraction order). A row whose first patient is someone
+        else is left to the full filter."""
+        src = FACT_SOURCES.get(row.res_type)
+        if src is None or not self._own:
+            return None
+        if src.self_patient:
+            ref = f"Patient/{row.res_id}"
+            return ref if ref in self._own else None
+        if not src.patient:
+            return None
+        first = conn.execute(_FIRST_PATIENT, {"pk": row.pk, "params": list(src.patient)}).scalar()
+        if first is None:
+            return None
+        ref = f"Patient/{first}"
+        return ref if ref in self._own else None
+
+    def _self_reason(self, patient: Ref) -> str:
+        return "patient-self" if patient in self._requesters else "representative"
 
     def predicate(self, resource_type: str) -> Predicate | None:
         """SQL selecting the rows of ``resource_type`` the request may see (None: the type is
@@ -244,7 +312,16 @@ class RequestFilter:
         return self.sql.predicate(resource_type)
 
     def permits(self, conn: Connection, row: CurrentRow) -> bool:
-        """Whether one stored row is visible: the same SQL as searches (consent.md §4)."""
+        """Whether one stored row is visible: the same SQL as searches (consent.md §4), with
+        the requester's own patients decided first, without the Consents (consent.md §3)."""
+        if row.res_type not in PATIENT_DATA_TYPES:
+            return True
+        if row.res_type in FACT_SOURCES and not row.deleted:
+            patient = self._own_patient(conn, row)
+            if patient is not None:
+                key = (row.res_type, row.res_id, row.version_id)
+                self._decided[key] = Explanation(True, self._self_reason(patient), patient=patient)
+                return True
         predicate = self.predicate(row.res_type)
         if predicate is None:
             return True
@@ -260,20 +337,30 @@ class RequestFilter:
         rtype = row.res_type
         if rtype not in PATIENT_DATA_TYPES or rtype == "Binary" or row.content is None:
             return None
+        known = self._decided.get((rtype, row.res_id, row.version_id))
+        if known is not None:
+            return known  # decided on the request path (own patient): no re-parse
         resource = orjson.loads(row.content)
         rows = searchparams.extract(resource)
-        rc = self.constants
+        if rtype != "AuditEvent" and self._sql is None:
+            # a lazy filter that never needed the Consents: an older version of an own
+            # patient's resource (vread, history), or a row the compartment refused before
+            # consent was asked (nothing the Consents decided to explain)
+            own = indexed_facts(rtype, row.res_id, rows).patient
+            if own is not None and own in self._own:
+                return Explanation(True, self._self_reason(own), patient=own)
+            return None
         if rtype == "AuditEvent":
             mine = {
                 f"Patient/{r.target_id}"
                 for r in rows.references
                 if r.param == "patient" and r.target_type == "Patient" and r.target_id
-            } & rc.own_patients
+            } & self._own
             if not mine:
                 return Explanation(False, "default-deny")
             patient = min(mine)
-            reason = "patient-self" if patient in rc.requesters else "representative"
-            return Explanation(True, reason, patient=patient)
+            return Explanation(True, self._self_reason(patient), patient=patient)
+        rc = self.constants
         ref = f"{rtype}/{row.res_id}"
         referenced_by = frozenset(x for x, targets in rc.dependents.items() if ref in targets)
         facts = indexed_facts(rtype, row.res_id, rows, referenced_by)
@@ -300,6 +387,20 @@ class RequestFilter:
         if not permitted and rtype == "Consent" and inquirers_of(resource) & rc.requesters:
             return Explanation(True, "inquirer", patient=facts.patient)
         return Explanation(permitted, decision.reason.value, deciding, facts.patient)
+
+
+#: The first patient reference of row ``pk`` among ``params`` (index order = extraction order).
+_FIRST_PATIENT = (
+    sa.select(idx_reference.c.target_id)
+    .where(
+        idx_reference.c.resource_pk == sa.bindparam("pk"),
+        idx_reference.c.param.in_(sa.bindparam("params", expanding=True)),
+        idx_reference.c.target_type == "Patient",
+        idx_reference.c.target_id.is_not(None),
+    )
+    .order_by(idx_reference.c.id)
+    .limit(1)
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +438,8 @@ class ConsentEnforcement:
     def __init__(self, settings: ConsentSettings | None = None) -> None:
         self.settings = settings if settings is not None else ConsentSettings()
         self._compiled = _Compiled(self.settings.compiled_cache_size)
+        #: how many times the Consents were loaded and compiled for a request (tests, metrics)
+        self.builds = 0
 
     # -- parties (consent.md §1) ------------------------------------------------------------
 
@@ -519,32 +622,50 @@ class ConsentEnforcement:
 
     # -- the ConsentEnforcer seam -------------------------------------------------------------
 
-    def filter_for(self, conn: Connection, access: AccessContext, now: int) -> RequestFilter | None:
-        """The consent filter of one request, computed in its transaction (consent.md §4)."""
+    def filter_for(
+        self, conn: Connection, access: AccessContext, now: int, *, lazy: bool = False
+    ) -> RequestFilter | None:
+        """The consent filter of one request, computed in its transaction (consent.md §4).
+
+        ``lazy``: load and compile the Consents only when a row or a predicate needs them
+        (the requester's own patients never do). Only for callers that use the filter while
+        ``conn`` is still open (the FHIR layer's handlers): :meth:`RequestFilter.explain`
+        afterwards answers from what was decided, never from the database."""
         if access.is_open:
             return None
         requesters = self.requester_set(conn, access, now)
         own = self.own_patients(conn, access)
-        consents = self.candidate_consents(conn, requesters)
-        purposes = frozenset(access.purpose_of_use) or frozenset({"TREAT"})
         user = normalize_reference(access.fhir_user)
         clinician = user is not None and user.startswith(_CLINICIANS)
         enabled = self.settings.break_glass and clinician
-        write = bool(conn.get_execution_options().get("fhir_write", False))
-        constants = RequestConstants(
-            requesters=requesters,
-            at=now,
-            action="correct" if write else "access",
-            purposes=purposes,
-            own_patients=own,
-            break_glass=enabled and BREAK_GLASS_PURPOSE in purposes,
-            dependents=self.dependents(conn, consents),
-        )
-        flt = RequestFilter(
-            SQLDecision(constants, consents, conn.dialect.name),
-            fhir_user=user,
-            break_glass_enabled=enabled,
-        )
+
+        def build() -> SQLDecision:
+            self.builds += 1
+            consents = self.candidate_consents(conn, requesters)
+            purposes = frozenset(access.purpose_of_use) or frozenset({"TREAT"})
+            write = bool(conn.get_execution_options().get("fhir_write", False))
+            constants = RequestConstants(
+                requesters=requesters,
+                at=now,
+                action="correct" if write else "access",
+                purposes=purposes,
+                own_patients=own,
+                break_glass=enabled and BREAK_GLASS_PURPOSE in purposes,
+                dependents=self.dependents(conn, consents),
+            )
+            return SQLDecision(constants, consents, conn.dialect.name)
+
+        if lazy and own:
+            flt = RequestFilter(
+                None,
+                fhir_user=user,
+                break_glass_enabled=enabled,
+                build=build,
+                requesters=requesters,
+                own_patients=own,
+            )
+        else:
+            flt = RequestFilter(build(), fhir_user=user, break_glass_enabled=enabled)
         state = _state.get()
         if state is not None:
             state.filter = flt

@@ -184,7 +184,11 @@ class FHIRContext:
         moment ago is already in force)."""
         if gate.access.is_open:
             return visibility_for(gate.access)
-        consent = self.consent.filter_for(conn, gate.access, gate.now) if self.consent else None
+        consent = (
+            self.consent.filter_for(conn, gate.access, gate.now, lazy=True)
+            if self.consent
+            else None
+        )
         return visibility_for(gate.access, gate.decision, gate.rtype, gate.now, consent)
 
     def service(self, conn: Any, guard: Visibility | None = None) -> ResourceService:

@@ -68,8 +68,11 @@ class ConsentFilter(Protocol):
 
 class ConsentEnforcer(Protocol):
     def filter_for(
-        self, conn: Connection, access: AccessContext, now: int
-    ) -> ConsentFilter | None: ...
+        self, conn: Connection, access: AccessContext, now: int, *, lazy: bool = False
+    ) -> ConsentFilter | None:
+        """The request's consent filter; ``lazy``: the caller uses it only while ``conn``
+        is open, so the enforcer may defer database work until a row needs it."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
