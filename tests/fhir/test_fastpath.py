@@ -152,7 +152,11 @@ def test_short_path_answers_as_the_router(
         before = len(served)
         a = fast.get(path, headers=headers, follow_redirects=False)
         b = plain.get(path, headers=headers, follow_redirects=False)
-        assert (a.status_code, a.content) == (b.status_code, b.content), path
+        if path == "/fhir/metadata":  # each app states its own start time (to the second)
+            assert a.status_code == b.status_code == 200
+            assert {**a.json(), "date": None} == {**b.json(), "date": None}
+        else:
+            assert (a.status_code, a.content) == (b.status_code, b.content), path
         for name in _COMPARED:
             assert a.headers.get(name) == b.headers.get(name), (path, name)
         assert len(served) - before == (1 if eligible else 0), path
