@@ -131,12 +131,14 @@ class Database:
         )
         self._async_size = max(2, min(pool_size, 8))
         self._write_lock = threading.RLock() if self.is_sqlite else None
-        #: SQLite: request writes share transactions (:meth:`write_grouped`)
-        self.group_writes = True
-        # One writer thread: SQLite admits one writer at a time anyway; on PostgreSQL two
-        # writers' groups could lock the same rows in opposite orders (a deadlock, 503s)
-        # where one-request transactions never would. (Several overlapped round trips, but
-        # gained little in-process: wall time per create 1.7 → 1.6 ms at 32 in flight.)
+        #: SQLite: request writes share transactions (:meth:`write_grouped`). Not on
+        #: PostgreSQL: there several processes (uvicorn workers, servers) write at once, and
+        #: two processes' groups lock rows (a resource, the ledger head) in opposite orders
+        #: where one-request transactions never would — a deadlock that aborted writes of
+        #: the multi-process ledger test. SQLite's BEGIN IMMEDIATE admits one writer at a
+        #: time, so its groups cannot deadlock.
+        self.group_writes = self.is_sqlite
+        # One writer thread: SQLite admits one writer at a time anyway.
         self._group_threads = 1
         self._group_writer: _GroupWriter | None = None
         # Connections of run_inline, one per thread, outside the pool (a thread that ends
