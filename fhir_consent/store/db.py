@@ -34,6 +34,8 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from fhir_consent.store.asyncreads import AsyncReadPool, DatabaseBusy, async_pool_for
+
 __all__ = [
     "RESERVE",
     "Database",
@@ -74,11 +76,6 @@ def normalize_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     return url
-
-
-class DatabaseBusy(Exception):
-    """An inline read found the SQLite database locked: run it in a worker thread instead,
-    where it may wait for the lock without stalling the event loop."""
 
 
 class Database:
@@ -126,7 +123,7 @@ class Database:
         self.inline_reads = self.is_sqlite if inline_reads is None else inline_reads
         #: PostgreSQL: single-query reads without a thread hop (:meth:`fetch_async`)
         self.async_reads = not self.is_sqlite
-        self._async_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncPool] = (
+        self._async_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncReadPool] = (
             weakref.WeakKeyDictionary()
         )
         self._async_size = max(2, min(pool_size, 8))
@@ -289,9 +286,10 @@ class Database:
             conn.close()
 
     async def fetch_async(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        """One row of a fixed query, on this event loop's own PostgreSQL connections (psycopg
-        async, autocommit): a read that is one statement waits on the socket instead of
-        hopping to a worker thread.
+        """One row of a fixed query, on this event loop's own PostgreSQL connections (asyncpg,
+        or psycopg async where asyncpg cannot take the URL's settings; autocommit:
+        :mod:`fhir_consent.store.asyncreads`): a read that is one statement waits on the
+        socket instead of hopping to a worker thread.
 
         :raises DatabaseBusy: the connection failed (nothing was served: retry the read in a
             worker thread, where SQLAlchemy reports or reconnects)
@@ -300,7 +298,7 @@ class Database:
         pool = self._async_pools.get(loop)
         if pool is None:
             _args, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
-            pool = self._async_pools[loop] = _AsyncPool(dict(kwargs), self._async_size)
+            pool = self._async_pools[loop] = async_pool_for(dict(kwargs), self._async_size)
         return await pool.fetchone(sql, params)
 
     def dispose(self) -> None:
@@ -427,46 +425,6 @@ class _GroupWriter:
                     item.result = None
             if not isinstance(exc, Exception):
                 raise
-
-
-class _AsyncPool:
-    """A few psycopg ``AsyncConnection`` objects (autocommit) of one event loop, each with its
-    cursor; connected on first use, dropped when a query fails."""
-
-    def __init__(self, connect_kwargs: dict[str, Any], size: int) -> None:
-        self.kwargs = {**connect_kwargs, "autocommit": True}
-        self.slots: asyncio.Queue[Any] = asyncio.Queue()
-        for _ in range(size):
-            self.slots.put_nowait(None)
-        self.open: set[Any] = set()
-
-    async def fetchone(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        import psycopg
-
-        entry = await self.slots.get()
-        try:
-            if entry is None:
-                conn = await psycopg.AsyncConnection.connect(**self.kwargs)
-                entry = (conn, conn.cursor())
-                self.open.add(conn)
-            cursor = entry[1]
-            await cursor.execute(sql, params)
-            row: tuple[Any, ...] | None = await cursor.fetchone()
-            return row
-        except psycopg.Error:
-            if entry is not None:
-                self.open.discard(entry[0])
-                entry[0].pgconn.finish()
-                entry = None
-            raise DatabaseBusy() from None
-        finally:
-            self.slots.put_nowait(entry)
-
-    def close(self) -> None:
-        """Close every connection (from any thread: the sockets are closed directly)."""
-        for conn in list(self.open):
-            conn.pgconn.finish()
-        self.open.clear()
 
 
 def _ping_when_idle(engine: Engine, ping_after: float) -> None:
