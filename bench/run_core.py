@@ -212,11 +212,13 @@ def _pg_has_plan(url: str, plan: bulk_load.LoadPlan) -> bool:
         with psycopg.connect(bulk_load._pg_conninfo(url)) as conn:
             row = conn.execute(
                 "SELECT count(*) FILTER (WHERE res_type = 'Patient'), "
-                "count(*) FILTER (WHERE res_type = 'DocumentReference') FROM resources"
+                "count(*) FILTER (WHERE res_type = 'DocumentReference' AND NOT deleted) "
+                "FROM resources"
             ).fetchone()
     except psycopg.Error:
         return False
-    # creates from earlier runs add Patients; documents must match exactly
+    # creates from earlier runs add Patients; the verification's copies are deleted again
+    # (a deletion marker stays); live documents must match exactly
     return row is not None and row[0] >= plan.patients and row[1] == plan.documents
 
 

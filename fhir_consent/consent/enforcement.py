@@ -127,6 +127,8 @@ def search_patients() -> frozenset[Ref]:
 
 
 def _named_patients(request: Request) -> frozenset[Ref]:
+    if not request.scope.get("query_string"):  # reads and creates: no parameters to parse
+        return frozenset()
     out: set[Ref] = set()
     for key, raw in request.query_params.multi_items():
         name = key.split(":", 1)[0]

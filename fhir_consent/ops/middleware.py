@@ -19,11 +19,10 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from collections.abc import Sequence
+from os import urandom
 from typing import Final
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fhir_consent.ops.logs import request_id
@@ -33,6 +32,7 @@ from fhir_consent.ops.routing import route_template
 __all__ = ["REQUEST_ID_HEADER", "OpsMiddleware", "valid_request_id"]
 
 REQUEST_ID_HEADER: Final = "x-request-id"
+_REQUEST_ID_RAW: Final = REQUEST_ID_HEADER.encode("ascii")
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._-]{8,64}")
 #: Probes and scrapes: logged at debug level (they arrive every few seconds).
 _QUIET_ROUTES: Final = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -78,8 +78,12 @@ class OpsMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = _incoming_id(scope) if self.trust else None
-        rid = incoming if incoming is not None and valid_request_id(incoming) else uuid.uuid4().hex
+        # 32 hex digits of the OS's CSPRNG (as uuid4().hex, at a third of its cost)
+        rid = incoming if incoming is not None and valid_request_id(incoming) else None
+        if rid is None:
+            rid = urandom(16).hex()
         token = request_id.set(rid)
+        rid_raw = rid.encode("ascii")
         started = time.perf_counter()
         status = 500
         sent = 0
@@ -88,7 +92,11 @@ class OpsMiddleware:
             nonlocal status, sent
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
+                # a new list (the response's own header list is left as it is), replacing
+                # any request id the app set
+                headers = [h for h in message.get("headers", ()) if h[0] != _REQUEST_ID_RAW]
+                headers.append((_REQUEST_ID_RAW, rid_raw))
+                message["headers"] = headers
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)
@@ -101,8 +109,8 @@ class OpsMiddleware:
             method = str(scope.get("method", "GET"))
             method = method if method in KNOWN_METHODS else "other"
             self.metrics.observe_request(method, route, status, elapsed)
-            if self.log_enabled:
-                level = logging.DEBUG if route in _QUIET_ROUTES else logging.INFO
+            level = logging.DEBUG if route in _QUIET_ROUTES else logging.INFO
+            if self.log_enabled and access_log.isEnabledFor(level):
                 access_log.log(
                     level,
                     "request",
