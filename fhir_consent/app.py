@@ -45,6 +45,7 @@ from fhir_consent.auth import (
     patient_picker,
     smart_authenticator,
     smart_token_check,
+    smart_token_check_async,
 )
 from fhir_consent.config import Settings, get_settings
 from fhir_consent.consent.auditing import ConsentAuditSink
@@ -208,6 +209,7 @@ def _install_smart(app: FastAPI, ctx: FHIRContext, settings: Settings) -> SmartA
     else:
         ctx.authenticate = smart_authenticator(auth.protector, urls_for, time.time)
         ctx.token_check = smart_token_check(auth.protector.realm)
+        ctx.token_check_async = smart_token_check_async(auth.protector.realm)
     return auth
 
 

@@ -10,7 +10,8 @@ module adapts its verifier to the FHIR layer:
   ``iss``, ``aud`` = this FHIR base, times) and maps its claims to an :class:`AccessContext`;
   failures are 401 with ``WWW-Authenticate: Bearer`` (plus ``error="invalid_token"`` for a
   bad token, RFC 6750 §3.1).
-* :func:`smart_token_check` is the per-request revocation check: one indexed query.
+* :func:`smart_token_check` is the per-request revocation check: one indexed query;
+  :func:`smart_token_check_async` is the same query on an event-loop connection (PostgreSQL).
 * :func:`patient_picker` and :func:`fhir_user_exists` are the FHIR-store callbacks the
   authorization server needs (``smart_on_fhir`` never imports this package).
 
@@ -31,7 +32,13 @@ from starlette.requests import Request
 from fhir_consent.errors import Forbidden, Unauthorized
 from fhir_consent.store.repository import Repository
 from fhir_consent.store.tables import resources
-from smart_on_fhir.protect import AuthenticationRequired, SmartResourceProtector, token_state
+from smart_on_fhir.protect import (
+    TOKEN_STATE_PG_SQL,
+    AuthenticationRequired,
+    SmartResourceProtector,
+    token_state,
+    token_state_of,
+)
 from smart_on_fhir.protect import www_authenticate as _challenge
 from smart_on_fhir.scopes import Context, Interaction, ScopeDecision, ScopeSet
 from smart_on_fhir.server import Urls
@@ -40,7 +47,9 @@ from smart_on_fhir.users import User
 __all__ = [
     "OPEN_ACCESS",
     "AccessContext",
+    "AsyncTokenCheck",
     "Authenticator",
+    "Fetch",
     "TokenCheck",
     "fhir_user_exists",
     "open_authenticator",
@@ -48,6 +57,7 @@ __all__ = [
     "require",
     "smart_authenticator",
     "smart_token_check",
+    "smart_token_check_async",
 ]
 
 
@@ -79,6 +89,12 @@ Authenticator = Callable[[Request], Awaitable[AccessContext]]
 #: Checks inside the request's transaction that the token is still active (not revoked, user
 #: not deactivated); raises :class:`fhir_consent.errors.Unauthorized` otherwise.
 TokenCheck = Callable[[Connection, AccessContext], None]
+#: One row of a fixed PostgreSQL query (``%s`` placeholders) on an event-loop connection:
+#: :meth:`fhir_consent.store.db.Database.fetch_async`.
+Fetch = Callable[[str, tuple[Any, ...]], Awaitable[tuple[Any, ...] | None]]
+#: :data:`TokenCheck` through a :data:`Fetch` (PostgreSQL, on the event loop); connection
+#: failures propagate as the ``Fetch`` raises them.
+AsyncTokenCheck = Callable[[Fetch, AccessContext], Awaitable[None]]
 
 _OPEN_DECISION = ScopeDecision(True, Context.SYSTEM)
 
@@ -167,6 +183,20 @@ def smart_token_check(realm: str = "fhir") -> TokenCheck:
 
     def check(conn: Connection, access: AccessContext) -> None:
         state = token_state(conn, access.jti) if access.jti else None
+        if state is None or not state.usable:
+            raise _unauthorized(realm, "invalid_token", "revoked")
+
+    return check
+
+
+def smart_token_check_async(realm: str = "fhir") -> AsyncTokenCheck:
+    """:func:`smart_token_check` on an event-loop PostgreSQL connection: the same query
+    (:data:`smart_on_fhir.protect.TOKEN_STATE_PG_SQL`), the same 401."""
+
+    async def check(fetch: Fetch, access: AccessContext) -> None:
+        state = None
+        if access.jti:
+            state = token_state_of(await fetch(TOKEN_STATE_PG_SQL, (access.jti,)))
         if state is None or not state.usable:
             raise _unauthorized(realm, "invalid_token", "revoked")
 

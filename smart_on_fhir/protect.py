@@ -15,7 +15,8 @@ bad, expired or wrong-audience token → ``error="invalid_token"``. Descriptions
 reason codes, never token text.
 
 Revocation and deactivation are checked per request against the database with
-:func:`token_state` (one primary-key look-up), inside the request's own transaction.
+:func:`token_state` (one primary-key look-up), inside the request's own transaction, or on
+an event-loop connection with :data:`TOKEN_STATE_PG_SQL` and :func:`token_state_of`.
 """
 
 from __future__ import annotations
@@ -31,15 +32,17 @@ from authlib.oauth2.rfc6749.errors import MissingAuthorizationError, Unsupported
 
 from .errors import InvalidToken, SmartError
 from .keys import KeySet
-from .records import TokenState, token_state
+from .records import TOKEN_STATE_PG_SQL, TokenState, token_state, token_state_of
 from .tokens import AccessTokenClaims, Timestamp, _seconds, verify_access_token
 
 __all__ = [
+    "TOKEN_STATE_PG_SQL",
     "AuthenticationRequired",
     "JWTAccessTokenValidator",
     "SmartResourceProtector",
     "TokenState",
     "token_state",
+    "token_state_of",
     "www_authenticate",
 ]
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, TokenMixin
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.engine import Connection
 
 from .tables import (
@@ -33,6 +34,7 @@ from .tables import (
 
 __all__ = [
     "AuthCodeRecord",
+    "TOKEN_STATE_PG_SQL",
     "TokenRecord",
     "TokenState",
     "find_refresh_token",
@@ -40,6 +42,7 @@ __all__ = [
     "purge_expired",
     "revoke_family",
     "token_state",
+    "token_state_of",
 ]
 
 
@@ -276,11 +279,23 @@ def _state_row(conn: Connection, jti: str) -> Any:
 def token_state(conn: Connection, jti: str) -> TokenState | None:
     """One indexed query: is the token with this ``jti`` revoked, is its user still active,
     is its client still enabled? ``None`` when no such token was ever issued here."""
-    row = _state_row(conn, jti)
+    return token_state_of(_state_row(conn, jti))
+
+
+def token_state_of(row: Any) -> TokenState | None:
+    """The :class:`TokenState` of a row of :data:`TOKEN_STATE_PG_SQL` (or of the query
+    :func:`token_state` runs); ``None`` for no row."""
     if row is None:
         return None
     user_active = True if row[1] is None else bool(row[2])
     return TokenState(row[0] is not None, user_active, bool(row[3]))
+
+
+#: :func:`token_state`'s query for PostgreSQL as driver SQL with one positional ``%s``
+#: parameter (the ``jti``), for connections outside SQLAlchemy (the event loop's own).
+TOKEN_STATE_PG_SQL: str = str(
+    _STATE.compile(dialect=psycopg_dialect(paramstyle="format"))  # type: ignore[no-untyped-call]
+)
 
 
 def purge_expired(conn: Connection, *, now: int, keep: int = 24 * 3600) -> None:

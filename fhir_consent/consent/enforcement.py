@@ -46,7 +46,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from starlette.requests import Request
 
-from fhir_consent.auth import AccessContext, Authenticator
+from fhir_consent.auth import AccessContext, Authenticator, Fetch
 from fhir_consent.consent._compile import CompiledConsent, _ref_of, compile_consent
 from fhir_consent.consent._fhirtime import parse_fhir_time, us_to_datetime
 from fhir_consent.consent._types import BREAK_GLASS_PURPOSE, AccessRequest, Decision, Ref
@@ -81,6 +81,7 @@ __all__ = [
 _CLINICIANS: Final = ("Practitioner/", "PractitionerRole/")
 _PURPOSE_RE: Final = re.compile(r"[A-Z][A-Z0-9]{1,31}")
 _MAX_PURPOSES: Final = 8
+_PARTIES_CACHE: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,8 @@ class PurposeOfUse:
     async def __call__(self, request: Request) -> AccessContext:
         access = await self.inner(request)
         state = _RequestState()
-        state.search_patients = _named_patients(request)
+        if request.scope.get("query_string"):  # a read has none: skip parsing it
+            state.search_patients = _named_patients(request)
         _state.set(state)
         raw = request.headers.get("x-purpose-of-use")
         if raw is None or access.is_open:
@@ -308,6 +310,29 @@ class RequestFilter:
     def _self_reason(self, patient: Ref) -> str:
         return "patient-self" if patient in self._requesters else "representative"
 
+    async def permits_async(self, fetch: Fetch, row: CurrentRow) -> bool | None:
+        """:meth:`permits` where that needs no consent build: on an event-loop connection
+        (``fetch``, PostgreSQL), for rows that are not patient data or are the requester's
+        own patient's (the first-patient look-up is the same query as on the request path).
+        None: only the full filter can decide (the caller takes the synchronous path)."""
+        if row.res_type not in PATIENT_DATA_TYPES:
+            return True
+        src = FACT_SOURCES.get(row.res_type)
+        if src is None or row.deleted or not self._own:
+            return None
+        if src.self_patient:
+            patient: Ref | None = f"Patient/{row.res_id}"
+        elif src.patient:
+            first = await fetch(_FIRST_PATIENT_PG_SQL, (row.pk, list(src.patient)))
+            patient = f"Patient/{first[0]}" if first is not None else None
+        else:
+            return None
+        if patient is None or patient not in self._own:
+            return None
+        key = (row.res_type, row.res_id, row.version_id)
+        self._decided[key] = Explanation(True, self._self_reason(patient), patient=patient)
+        return True
+
     def predicate(self, resource_type: str) -> Predicate | None:
         """SQL selecting the rows of ``resource_type`` the request may see (None: the type is
         not patient data and only scopes apply)."""
@@ -405,6 +430,17 @@ _FIRST_PATIENT = (
 )
 
 
+#: :data:`_FIRST_PATIENT` as driver SQL for an event-loop connection: ``(pk, [params])``.
+_FIRST_PATIENT_PG_SQL: Final = (
+    "SELECT target_id FROM idx_reference WHERE resource_pk = %s AND param = ANY(%s) "
+    "AND target_type = 'Patient' AND target_id IS NOT NULL ORDER BY id LIMIT 1"
+)
+
+
+def _needs_database() -> SQLDecision:
+    raise RuntimeError("a token-only consent filter cannot load Consents")
+
+
 # ---------------------------------------------------------------------------------------------
 # The enforcer
 # ---------------------------------------------------------------------------------------------
@@ -442,6 +478,63 @@ class ConsentEnforcement:
         self._compiled = _Compiled(self.settings.compiled_cache_size)
         #: how many times the Consents were loaded and compiled for a request (tests, metrics)
         self.builds = 0
+        #: (fhirUser, client Organization) -> (requester set, own patients, user) for the
+        #: requesters whose parties need no database (Patient users): pure functions of the
+        #: token's claims, so never stale
+        self._parties: OrderedDict[
+            tuple[str | None, str | None], tuple[frozenset[Ref], frozenset[Ref], Ref | None]
+        ] = OrderedDict()
+        self._parties_lock = threading.Lock()
+
+    def _token_parties(
+        self, access: AccessContext
+    ) -> tuple[frozenset[Ref], frozenset[Ref], Ref | None] | None:
+        """Requester set, own patients and normalized ``fhirUser`` when the token alone
+        decides them (a Patient user: consent.md §1 adds no PractitionerRole Organizations,
+        §3 the patient themself), else None. Cached per claim values."""
+        key = (access.fhir_user, access.client_organization)
+        with self._parties_lock:
+            hit = self._parties.get(key)
+        if hit is not None:
+            return hit
+        user = normalize_reference(access.fhir_user)
+        if user is None or not user.startswith("Patient/"):
+            return None
+        org = (
+            normalize_reference(access.client_organization) if access.client_organization else None
+        )
+        requesters = frozenset({user} if org is None else {user, org})
+        found = (requesters, frozenset({user}), user)
+        with self._parties_lock:
+            self._parties[key] = found
+            while len(self._parties) > _PARTIES_CACHE:
+                self._parties.popitem(last=False)
+        return found
+
+    def filter_from_token(self, access: AccessContext, now: int) -> RequestFilter | None:
+        """A lazy consent filter made from the token alone, without a connection, when its
+        parties need no database (see :meth:`_token_parties`): it decides the requester's own
+        patients' rows (:meth:`RequestFilter.permits_async`) and explains them for the
+        audit trail; anything else needs :meth:`filter_for` on a connection. Becomes the
+        request's current filter. None when the token does not decide the parties."""
+        if access.is_open:
+            return None
+        parties = self._token_parties(access)
+        if parties is None:
+            return None
+        requesters, own, user = parties
+        flt = RequestFilter(
+            None,
+            fhir_user=user,
+            break_glass_enabled=False,  # a Patient user is no clinician (consent.md §3)
+            build=_needs_database,
+            requesters=requesters,
+            own_patients=own,
+        )
+        state = _state.get()
+        if state is not None:
+            state.filter = flt
+        return flt
 
     # -- parties (consent.md §1) ------------------------------------------------------------
 
@@ -635,9 +728,13 @@ class ConsentEnforcement:
         afterwards answers from what was decided, never from the database."""
         if access.is_open:
             return None
-        requesters = self.requester_set(conn, access, now)
-        own = self.own_patients(conn, access)
-        user = normalize_reference(access.fhir_user)
+        parties = self._token_parties(access)
+        if parties is not None:
+            requesters, own, user = parties
+        else:
+            requesters = self.requester_set(conn, access, now)
+            own = self.own_patients(conn, access)
+            user = normalize_reference(access.fhir_user)
         clinician = user is not None and user.startswith(_CLINICIANS)
         enabled = self.settings.break_glass and clinician
 

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from fhir_consent.audit import AuditSink
 from fhir_consent.auth import (
     AccessContext,
+    AsyncTokenCheck,
     Authenticator,
     TokenCheck,
     open_authenticator,
@@ -144,6 +145,8 @@ class FHIRContext:
     patch_sources: list[PatchSource] = field(default_factory=list)
     authenticate: Authenticator = field(default_factory=open_authenticator)
     token_check: TokenCheck | None = None
+    #: :attr:`token_check` on the event loop's own PostgreSQL connections
+    token_check_async: AsyncTokenCheck | None = None
     consent: ConsentEnforcer | None = None
     audit: AuditSink | None = None
     bundle_filters: list[BundleFilter] = field(default_factory=list)
@@ -189,6 +192,16 @@ class FHIRContext:
             if self.consent
             else None
         )
+        return visibility_for(gate.access, gate.decision, gate.rtype, gate.now, consent)
+
+    def token_visibility(self, gate: Gate) -> Visibility | None:
+        """The request's visibility when it can be made without a connection (the consent
+        filter from the token alone, :meth:`ConsentEnforcer.filter_from_token`), else None."""
+        consent = None
+        if self.consent is not None:
+            consent = self.consent.filter_from_token(gate.access, gate.now)
+            if consent is None:
+                return None
         return visibility_for(gate.access, gate.decision, gate.rtype, gate.now, consent)
 
     def service(self, conn: Any, guard: Visibility | None = None) -> ResourceService:
@@ -335,6 +348,17 @@ async def serve_read(
         found = await _open_read(ctx.db, rtype, rid, vid)
         if found is not None:
             return fhir_response(found.content, 200, _read_headers(found))
+    elif not gate.access.is_open and ctx.db.async_reads and ctx.token_check_async is not None:
+        # PostgreSQL with a token: when the visibility decision needs no consent build (the
+        # requester's own patient's record), the token check and the read run on the event
+        # loop too; anything else (and a failed connection) takes the threaded path below.
+        found = await _authorized_read(ctx, gate, ctx.token_check_async, rtype, rid, vid)
+        if isinstance(found, CurrentRow):
+            _audit_read(ctx, gate, "read", [found])
+            return fhir_response(found.content, 200, _read_headers(found))
+        if found is not None:
+            _audit_read(ctx, gate, "vread", [found])
+            return fhir_response(found.content, 200, _read_headers(found))
     row: CurrentRow | VersionRow
     if vid is None:
         row = await in_db(
@@ -392,6 +416,53 @@ async def _open_read(
         return readable_version(rtype, rid, vid, version)
     except DatabaseBusy:
         return None
+
+
+class _Undecided(Exception):
+    """The event-loop read cannot decide visibility: take the synchronous path."""
+
+
+async def _authorized_read(
+    ctx: FHIRContext,
+    gate: Gate,
+    token_check: AsyncTokenCheck,
+    rtype: str,
+    rid: str,
+    vid: str | None,
+) -> CurrentRow | VersionRow | None:
+    """Read or vread with a token on the event loop's own connections, as :func:`in_db`
+    with ``ResourceService.read``/``vread`` would do it: the token check first (401 when
+    revoked), then the row, visible by :meth:`Visibility.can_see_async` (404, audited as a
+    refusal, when it is hidden). None when that needs the synchronous path (a consent build,
+    a granular scope filter) or the connection failed; nothing was served then."""
+    vis = ctx.token_visibility(gate)
+    if vis is None:
+        return None
+    fetch = ctx.db.fetch_async
+    try:
+        await token_check(fetch, gate.access)
+        number = check_read_target(rtype, rid, vid)
+        current = current_row(await fetch(PG_CURRENT_SQL, (rtype, rid)))
+        visible = True
+        if current is not None:
+            decided = await vis.can_see_async(fetch, current)
+            if decided is None:
+                raise _Undecided()
+            visible = decided
+
+        def seen(_row: CurrentRow) -> bool:
+            return visible
+
+        if vid is None or number is None:
+            return readable_current(rtype, rid, current, seen)
+        visible_current(rtype, rid, current, seen)
+        version = version_row(await fetch(PG_VERSION_SQL, (rtype, rid, number)))
+        return readable_version(rtype, rid, vid, version)
+    except (DatabaseBusy, _Undecided):
+        return None
+    except FHIRError as exc:
+        ctx.refused(gate, exc.hidden)
+        raise
 
 
 def build_router() -> APIRouter:

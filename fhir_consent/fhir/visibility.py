@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from fhir_consent.auth import AccessContext
+from fhir_consent.auth import AccessContext, Fetch
 from fhir_consent.errors import FHIRError
 from fhir_consent.fhir.query import parse_search
 from fhir_consent.fhir.searchparams import IndexRows
@@ -65,6 +65,10 @@ class ConsentFilter(Protocol):
     def permits(self, conn: Connection, row: CurrentRow) -> bool:
         """Whether one stored row is permitted (same rule as :meth:`predicate`)."""
 
+    async def permits_async(self, fetch: Fetch, row: CurrentRow) -> bool | None:
+        """:meth:`permits` through single-row queries on an event-loop connection, where
+        that decides it; None: only :meth:`permits` on a connection can."""
+
 
 class ConsentEnforcer(Protocol):
     def filter_for(
@@ -72,6 +76,12 @@ class ConsentEnforcer(Protocol):
     ) -> ConsentFilter | None:
         """The request's consent filter; ``lazy``: the caller uses it only while ``conn``
         is open, so the enforcer may defer database work until a row needs it."""
+        ...
+
+    def filter_from_token(self, access: AccessContext, now: int) -> ConsentFilter | None:
+        """A filter made without a connection, when the token alone names the requester's
+        parties (it then decides rows through :meth:`ConsentFilter.permits_async`); None
+        when the request needs :meth:`filter_for`."""
         ...
 
 
@@ -129,6 +139,29 @@ class Visibility:
                 return False
         return self.consent is None or self.consent.permits(conn, row)
 
+    async def can_see_async(self, fetch: Fetch, row: CurrentRow) -> bool | None:
+        """:meth:`can_see` on an event-loop PostgreSQL connection (``fetch``), with the same
+        rules and the same queries, where single-row queries decide it: None when a granular
+        scope filter or the full consent filter is needed (the caller then takes the
+        synchronous path, which decides everything)."""
+        if self.patient is not None and row.res_type in PATIENT_COMPARTMENT:
+            own = row.res_type == "Patient" and row.res_id == self.patient
+            if not own:
+                params = PATIENT_COMPARTMENT[row.res_type]
+                if not params:
+                    return False
+                found = await fetch(
+                    _COMPARTMENT_REFERENCE_PG_SQL,
+                    (row.pk, row.res_type, list(params), self.patient),
+                )
+                if found is None:
+                    return False
+        if self.filters is not None and row.res_type == self.filtered_type:
+            return None
+        if self.consent is None:
+            return True
+        return await self.consent.permits_async(fetch, row)
+
     def _in_compartment(self, conn: Connection, row: CurrentRow) -> bool:
         """The row-level form of :meth:`_compartment`: the patient's own record, or a
         reference from this row to the patient in one of the type's compartment params."""
@@ -171,6 +204,14 @@ _COMPARTMENT_REFERENCE = (
         idx_reference.c.target_id == sa.bindparam("pid"),
     )
     .limit(1)
+)
+
+
+#: :data:`_COMPARTMENT_REFERENCE` as driver SQL for an event-loop connection:
+#: ``(pk, res_type, [params], pid)``.
+_COMPARTMENT_REFERENCE_PG_SQL = (
+    "SELECT resource_pk FROM idx_reference WHERE resource_pk = %s AND res_type = %s "
+    "AND param = ANY(%s) AND target_type = 'Patient' AND target_id = %s LIMIT 1"
 )
 
 
