@@ -27,6 +27,8 @@ from starlette.requests import Request
 from fhir_consent.app import create_app
 from fhir_consent.auth import AccessContext
 from fhir_consent.config import Settings
+from fhir_consent.documents import DocumentSettings
+from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.store.db import Database
 from smart_on_fhir import users as users_module
 from smart_on_fhir.client_auth import ASSERTION_TYPE, sign_client_assertion
@@ -123,6 +125,19 @@ class LiveServer:
 
 
 # -- the whole server with real SMART tokens over real HTTP ---------------------------------
+
+
+def every_layer(tmp_path: Path) -> dict[str, Any]:
+    """``create_app`` keyword arguments for the ledger and the document store (db blobs),
+    their keys under ``tmp_path``: the whole server, as deployed."""
+    return {
+        "ledger": LedgerSettings(_env_file=None, keys_dir=str(tmp_path / "ledger")),  # type: ignore[call-arg]
+        "documents": DocumentSettings(
+            _env_file=None,  # type: ignore[call-arg]
+            master_key_file=tmp_path / "master-keys.json",
+            blob_backend="db",
+        ),
+    }
 
 
 @contextmanager

@@ -154,8 +154,7 @@ class PurposeOfUse:
     async def __call__(self, request: Request) -> AccessContext:
         access = await self.inner(request)
         state = _RequestState()
-        if request.scope.get("query_string"):  # a read has none: skip parsing it
-            state.search_patients = _named_patients(request)
+        state.search_patients = _named_patients(request)
         _state.set(state)
         raw = request.headers.get("x-purpose-of-use")
         if raw is None or access.is_open:

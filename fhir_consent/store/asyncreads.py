@@ -129,7 +129,7 @@ class _Slots:
 
 class AsyncpgPool(_Slots):
     """asyncpg connections of one event loop (autocommit: asyncpg runs each statement outside
-    a transaction unless asked). ``jsonb`` is decoded as text, as ``::text`` casts give."""
+    a transaction unless asked). Rows come back as tuples, as psycopg's do."""
 
     def __init__(self, connect_kwargs: dict[str, Any], size: int) -> None:
         super().__init__(size)

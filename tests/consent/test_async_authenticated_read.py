@@ -17,14 +17,12 @@ from typing import Any
 
 import pytest
 from consent_kit import document
-from livekit import smart_world
+from livekit import every_layer, smart_world
 from smart.kit import World
 
 from fhir_consent.audit import AuditSink
-from fhir_consent.documents import DocumentSettings
 from fhir_consent.fhir import routes
 from fhir_consent.fhir.routes import FHIRContext
-from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.store.db import DatabaseBusy
 from smart_on_fhir.users import set_user_active
 
@@ -80,15 +78,11 @@ class Env:
 
 @pytest.fixture
 def env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
-    layers: dict[str, Any] = {
-        "ledger": LedgerSettings(_env_file=None, keys_dir=str(tmp_path / "ledger")),  # type: ignore[call-arg]
-        "documents": DocumentSettings(
-            _env_file=None,  # type: ignore[call-arg]
-            master_key_file=tmp_path / "master-keys.json",
-            blob_backend="db",
-        ),
-    }
-    with smart_world(db_url, tmp_path, monkeypatch, **layers) as (world, _server, app):
+    with smart_world(db_url, tmp_path, monkeypatch, **every_layer(tmp_path)) as (
+        world,
+        _server,
+        app,
+    ):
         yield Env(world, app.state.fhir, monkeypatch)
 
 

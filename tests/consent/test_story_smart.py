@@ -22,12 +22,10 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from consent_kit import document, inquiry
-from livekit import LiveServer, backend_token, smart_world
+from livekit import LiveServer, backend_token, every_layer, smart_world
 from smart.kit import World
 
 from fhir_consent.audit import AuditSink
-from fhir_consent.documents import DocumentSettings
-from fhir_consent.ledger.config import LedgerSettings
 from fhir_consent.ledger.entry import entry_from_bytes, open_sealed
 from fhir_consent.ledger.tables import ledger_entry
 from smart_on_fhir.keys import generate_signing_key
@@ -40,15 +38,11 @@ JSON = {"accept": "application/fhir+json", "content-type": "application/fhir+jso
 def story(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[World, LiveServer, AuditSink]]:
-    layers: dict[str, Any] = {
-        "ledger": LedgerSettings(_env_file=None, keys_dir=str(tmp_path / "ledger")),  # type: ignore[call-arg]
-        "documents": DocumentSettings(
-            _env_file=None,  # type: ignore[call-arg]
-            master_key_file=tmp_path / "master-keys.json",
-            blob_backend="db",
-        ),
-    }
-    with smart_world(db_url, tmp_path, monkeypatch, **layers) as (world, server, app):
+    with smart_world(db_url, tmp_path, monkeypatch, **every_layer(tmp_path)) as (
+        world,
+        server,
+        app,
+    ):
         sink = app.state.fhir.audit
         assert sink is not None  # the server audits every authenticated request
         yield world, server, sink
