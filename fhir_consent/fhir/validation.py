@@ -22,6 +22,7 @@ from fhir.resources.R4B import get_fhir_model_class  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from fhir_consent.errors import BadRequest, InvalidResource, Issue  # noqa: E402
+from fhir_consent.fhir._inlined import compiled_validator  # noqa: E402
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -221,7 +222,11 @@ def validate_resource(resource: Mapping[str, Any], expected_type: str | None = N
             ],
         )
     try:
-        _model(rtype).model_validate(resource)
+        # the root resourceType is checked above; the inlined validator has no __init__ to
+        # drop it (fhir_consent.fhir._inlined)
+        compiled_validator(_model(rtype)).validate_python(
+            {key: value for key, value in resource.items() if key != "resourceType"}
+        )
     except ValidationError as exc:
         issues = []
         for err in exc.errors(include_url=False, include_input=False)[:50]:
