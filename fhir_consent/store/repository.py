@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -535,41 +536,41 @@ def index_rows(pk: int, res_type: str, index: IndexRows) -> dict[str, list[dict[
     return out
 
 
-def _index_arrays(index: IndexRows) -> dict[str, list[Any]]:
-    """Column arrays of the index rows, for the ``unnest`` inserts on PostgreSQL."""
+def _index_arrays(index: IndexRows) -> dict[str, str]:
+    """The index rows for the PostgreSQL inserts: one JSON array of positional rows per index
+    table, each sent as one text parameter and expanded by ``json_array_elements``. psycopg
+    adapts a Python list parameter element by element in Python (the 14 ``text[]`` arrays
+    this replaced cost ~280 µs of client CPU per Patient, the largest part of a create's),
+    where a ``str`` is adapted in C and orjson writes the arrays in ~10 µs."""
+    dumps = orjson.dumps
     return {
-        "tp": [r.param for r in index.tokens],
-        "ts": [_cut(r.system) for r in index.tokens],
-        "tc": [_cut(r.code) for r in index.tokens],
-        "tx": [_cut(r.text) for r in index.tokens],
-        "sp": [r.param for r in index.strings],
-        "sv": [_cut(r.value) for r in index.strings],
-        "se": [_cut(r.exact) for r in index.strings],
-        "rp": [r.param for r in index.references],
-        "rt": [r.target_type for r in index.references],
-        "ri": [_cut(r.target_id) for r in index.references],
-        "ru": [r.url[:1024] for r in index.references],
-        "dp": [r.param for r in index.dates],
-        "dl": [r.low for r in index.dates],
-        "dh": [r.high for r in index.dates],
+        "xt": dumps(
+            [(r.param, _cut(r.system), _cut(r.code), _cut(r.text)) for r in index.tokens]
+        ).decode(),
+        "xs": dumps([(r.param, _cut(r.value), _cut(r.exact)) for r in index.strings]).decode(),
+        "xr": dumps(
+            [(r.param, r.target_type, _cut(r.target_id), r.url[:1024]) for r in index.references]
+        ).decode(),
+        "xd": dumps([(r.param, r.low, r.high) for r in index.dates]).decode(),
     }
 
 
 def _pg_index_ctes(source: str) -> str:
-    """CTEs inserting the ``unnest``-ed index arrays for the row(s) of CTE ``source``."""
+    """CTEs inserting the index rows of :func:`_index_arrays` for the row(s) of CTE
+    ``source`` (``->>`` of a JSON null is SQL NULL)."""
     return f"""
 xt AS (INSERT INTO idx_token (resource_pk, res_type, param, system, code, text)
-  SELECT {source}.pk, %(t)s, x.* FROM {source},
-    unnest(%(tp)s::text[], %(ts)s::text[], %(tc)s::text[], %(tx)s::text[]) AS x),
+  SELECT {source}.pk, %(t)s, x->>0, x->>1, x->>2, x->>3 FROM {source},
+    json_array_elements(%(xt)s::json) AS x),
 xs AS (INSERT INTO idx_string (resource_pk, res_type, param, value, exact)
-  SELECT {source}.pk, %(t)s, x.* FROM {source},
-    unnest(%(sp)s::text[], %(sv)s::text[], %(se)s::text[]) AS x),
+  SELECT {source}.pk, %(t)s, x->>0, x->>1, x->>2 FROM {source},
+    json_array_elements(%(xs)s::json) AS x),
 xr AS (INSERT INTO idx_reference (resource_pk, res_type, param, target_type, target_id, url)
-  SELECT {source}.pk, %(t)s, x.* FROM {source},
-    unnest(%(rp)s::text[], %(rt)s::text[], %(ri)s::text[], %(ru)s::text[]) AS x),
+  SELECT {source}.pk, %(t)s, x->>0, x->>1, x->>2, x->>3 FROM {source},
+    json_array_elements(%(xr)s::json) AS x),
 xd AS (INSERT INTO idx_date (resource_pk, res_type, param, low, high)
-  SELECT {source}.pk, %(t)s, x.* FROM {source},
-    unnest(%(dp)s::text[], %(dl)s::bigint[], %(dh)s::bigint[]) AS x)"""
+  SELECT {source}.pk, %(t)s, x->>0, (x->>1)::bigint, (x->>2)::bigint FROM {source},
+    json_array_elements(%(xd)s::json) AS x)"""
 
 
 #: One create on PostgreSQL: the current row, version 1 and every index row in one statement.
