@@ -320,6 +320,10 @@ def create_core_app(settings: Settings | None = None, *, clock: Clock = system_c
         version=ctx.version,
         description="FHIR R4 server with patient-controlled access",
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry hook looks the global providers up (environment
+        # variables included) on every request, ~5 µs, to find none: this server exports
+        # Prometheus metrics (fhir_consent.ops) and configures no OpenTelemetry.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.fhir = ctx
     _install_smart(app, ctx, settings)  # before the FHIR routes: .well-known paths
