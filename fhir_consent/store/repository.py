@@ -394,20 +394,21 @@ class Repository:
         out: list[CurrentRow] = []
         versions: list[tuple[Any, ...]] = []
         per_table: dict[str, list[tuple[Any, ...]]] = {}
+        # the driver's cursor, as insert does: SQLAlchemy's execution layer cost more than
+        # the statement (one per item here, for its pk)
         for res_type, res_id, content, now, index, method in items:
             text = content.decode("utf-8")
-            result = self.conn.exec_driver_sql(_SQLITE_INSERT, (res_type, res_id, 1, now, 0, text))
-            pk = result.lastrowid
+            pk = _driver(self.conn, _SQLITE_INSERT, (res_type, res_id, 1, now, 0, text)).lastrowid
             assert pk is not None
             versions.append((res_type, res_id, 1, now, 0, method, text))
             for sql, rows in _index_tuples(pk, res_type, index):
                 per_table.setdefault(sql, []).extend(rows)
             out.append(CurrentRow(pk, res_type, res_id, 1, now, False, content))
         if versions:
-            self.conn.exec_driver_sql(_SQLITE_VERSION, versions)
+            _driver(self.conn, _SQLITE_VERSION, versions, many=True)
         for sql, rows in per_table.items():
             if rows:
-                self.conn.exec_driver_sql(sql, rows)
+                _driver(self.conn, sql, rows, many=True)
         return out
 
     def write_version(
