@@ -1098,6 +1098,11 @@ def _split_reference(ref: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+#: Public names for builders that index what they construct themselves (the audit trail).
+coding_row: Final = _coding_row
+split_reference: Final = _split_reference
+
+
 def _emit_reference(p: str, v: Any, acc: _Acc, ref_type: str | None) -> None:
     if not isinstance(v, dict):
         return
