@@ -44,6 +44,21 @@ def all_examples() -> list[str]:
     return sorted(p.stem for p in FIXTURES.glob("*.json"))
 
 
+def run_probe(script: str, payload: Any, timeout: float = 300) -> Any:
+    """Run ``script`` in a fresh interpreter with ``payload`` as JSON on its stdin and return
+    the JSON it prints (tests that compare against classes built before this process's
+    changes to them)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    return json.loads(probe.stdout)
+
+
 def _pg_base_url() -> str | None:
     if PG_MODE == "off":
         return None

@@ -10,13 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import random
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import all_examples, load_example
+from conftest import all_examples, load_example, run_probe
 
 from fhir_consent.errors import InvalidResource
 from fhir_consent.fhir._inlined import compiled_validator
@@ -91,15 +89,7 @@ def _mutations(example: dict[str, Any], rng: random.Random) -> list[dict[str, An
 
 
 def _reference(cases: list[dict[str, Any]]) -> list[bool]:
-    probe = subprocess.run(
-        [sys.executable, "-c", _REFERENCE],
-        input=json.dumps(cases),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    result: list[bool] = json.loads(probe.stdout)
+    result: list[bool] = run_probe(_REFERENCE, cases)
     return result
 
 
