@@ -299,7 +299,11 @@ def create_core_app(settings: Settings | None = None, *, clock: Clock = system_c
     """The FHIR REST API behind the SMART authorization server, without the layers of
     :func:`install_layers`. ``settings`` defaults to the environment's."""
     settings = settings or get_settings()
-    db = Database(settings.database_url, pool_size=settings.db_pool_size)
+    db = Database(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        commit_delay=settings.sqlite_commit_delay_ms / 1000,
+    )
     ctx = FHIRContext(
         settings=settings,
         db=db,

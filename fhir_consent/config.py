@@ -67,6 +67,14 @@ class Settings(BaseSettings):
         description="Database work of requests running at once in worker threads; the pool "
         "keeps this many connections plus 4 (audit writer, ledger relay), without overflow",
     )
+    sqlite_commit_delay_ms: float = Field(
+        default=1.0,
+        ge=0,
+        le=50,
+        description="SQLite group commit: how long a group of writes waits for more before it "
+        "commits, when writes are arriving concurrently (PostgreSQL's commit_delay); a lone "
+        "write never waits. 0 turns it off",
+    )
     log_level: str = Field(
         default="info", description="debug, info, warning or error (libraries: warning at least)"
     )
