@@ -393,20 +393,23 @@ _REDIRECT = "http://127.0.0.1/bench-callback"
 _SCOPES = "openid fhirUser launch/patient patient/*.rs"
 
 
-def provision_patient_logins(url: str, patients: Sequence[str]) -> tuple[str, str]:
+def provision_patient_logins(url: str, patients: Sequence[str]) -> tuple[str, str, str]:
     """What ``fhir-consent users add`` and ``fhir-consent clients add --type public`` do, for
-    ``patients``: one login per patient and one public app. Returns (client_id, password)."""
+    ``patients``: one login per patient and one public app. Returns (client_id, password,
+    username prefix: ``<prefix><i>`` logs in as ``patients[i]``; new per run, so a reused
+    database keeps working)."""
     from fhir_consent.store.db import Database
     from smart_on_fhir.clients import create_client
     from smart_on_fhir.users import create_user
 
     password = secrets.token_urlsafe(18)
+    prefix = f"bench-{secrets.token_hex(3)}-p"
     db = Database(url, pool_size=1)
     try:
         now = int(time.time())
         with db.write() as conn:
             for i, pid in enumerate(patients):
-                create_user(conn, f"bench-p{i}", password, fhir_user=f"Patient/{pid}", now=now)
+                create_user(conn, f"{prefix}{i}", password, fhir_user=f"Patient/{pid}", now=now)
             client = create_client(
                 conn,
                 client_name="bench patient app",
@@ -417,7 +420,7 @@ def provision_patient_logins(url: str, patients: Sequence[str]) -> tuple[str, st
             )
     finally:
         db.dispose()
-    return client.client.client_id, password
+    return client.client.client_id, password, prefix
 
 
 def patient_token(base: str, client_id: str, username: str, password: str) -> str:
@@ -591,10 +594,10 @@ def _auth_templates(
 ) -> list[RequestTemplate]:
     """Each patient's own read with their own token, checked before it is measured: 401
     without the token, and with it exactly the bytes the open server serves."""
-    client_id, password = provision_patient_logins(url, patients)
+    client_id, password, prefix = provision_patient_logins(url, patients)
     templates = []
     for i, pid in enumerate(patients):
-        token = patient_token(sec.base, client_id, f"bench-p{i}", password)
+        token = patient_token(sec.base, client_id, f"{prefix}{i}", password)
         path = f"/fhir/Patient/{pid}"
         bare = httpx.get(sec.base + path)
         authed = httpx.get(sec.base + path, headers={"Authorization": f"Bearer {token}"})
