@@ -46,12 +46,16 @@ def _model_class(dotted: str) -> type:
     return cls
 
 
-def _wrapped_class(node: dict[str, Any]) -> type | None:
-    """The model class behind a fhir_core element wrap (None: not one, or a polymorphic
-    ``Resource``/``Element`` slot that picks its class from the data)."""
+def _is_element_wrap(node: dict[str, Any]) -> bool:
+    """A fhir_core element wrap (``FhirBase.__get_pydantic_core_schema__``)."""
     func = node.get("function", {}).get("function")
-    if getattr(func, "__qualname__", None) != _WRAP:
-        return None
+    return getattr(func, "__qualname__", None) == _WRAP
+
+
+def _wrapped_class(node: dict[str, Any]) -> type | None:
+    """The model class behind an element wrap, or None for a polymorphic ``Resource`` /
+    ``Element`` slot that picks its class from the data."""
+    func = node["function"]["function"]
     cells = dict(zip(func.__code__.co_freevars, func.__closure__ or (), strict=True))
     owner = cells["cls"].cell_contents
     if issubclass(owner, fhir_types.FhirElementOrResourceBase):
@@ -127,10 +131,16 @@ class _Builder:
         if not isinstance(node, dict):
             return node
         kind = node.get("type")
-        if kind == "function-wrap":
+        if kind == "function-wrap" and _is_element_wrap(node):
             nested = _wrapped_class(node)
             if nested is not None:
                 return self.ref(nested)
+            # a kept polymorphic slot (``contained``): only list items reach it with null
+            return {
+                "type": "function-before",
+                "function": {"type": "no-info", "function": _not_null},
+                "schema": node,
+            }
         if kind == "function-before" and _is(node, "reject_null_complex_elements"):
             # A null in a list of inlined elements now fails the item's own model schema
             # (``model_type``, at the item's index); kept polymorphic slots get _not_null.
@@ -144,16 +154,6 @@ class _Builder:
                 "type": "function-after",
                 "function": {"type": "no-info", "function": check},
                 "schema": inner,
-            }
-        if (
-            kind == "function-wrap"
-            and getattr(node.get("function", {}).get("function"), "__qualname__", None) == _WRAP
-        ):
-            # a kept polymorphic slot (``contained``): only list items reach it with null
-            return {
-                "type": "function-before",
-                "function": {"type": "no-info", "function": _not_null},
-                "schema": node,
             }
         if kind == "definitions":
             for definition in node["definitions"]:
