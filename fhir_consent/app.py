@@ -249,7 +249,11 @@ def install_layers(
     install_ledger(app, ctx, ledger if ledger is not None else LedgerSettings())
     layer = install_consent(ctx, consent if consent is not None else ConsentSettings())
     install_decider(app, ctx, layer)  # POST [base]/Consent/$decide for gateways
-    sink = ConsentAuditSink(ctx.db, flush_interval=ctx.settings.audit_flush_interval)
+    sink = ConsentAuditSink(
+        ctx.db,
+        flush_interval=ctx.settings.audit_flush_interval,
+        coalescing=ctx.settings.audit_coalesce,
+    )
     ctx.audit = sink
     store = install_documents(
         app, ctx, documents if documents is not None else DocumentSettings()

@@ -5,9 +5,10 @@ Who did what to which resource, when, for which purpose, with which outcome, and
 Consent decided it. Writes are audited inside their own transaction (an audited change and its
 AuditEvent commit together); reads and searches are queued and written in small batches by a
 background thread (at most ``flush_interval`` seconds behind, flushed on shutdown), so a read
-never turns into a synchronous write. AuditEvents are built by the server itself and stored
-without the request-body validation path (they are constructed, not parsed), with their
-search index extracted like any other resource.
+never turns into a synchronous write; the repeats of one access within a batch are one
+AuditEvent with their number and period (:func:`coalesce`). AuditEvents are built by the
+server itself and stored without the request-body validation path (they are constructed, not
+parsed), with their search index extracted like any other resource.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -36,8 +37,11 @@ __all__ = [
     "SQLITE_WRITER_GAP",
     "AuditRecord",
     "AuditSink",
+    "MAX_ENTITIES",
     "Prepared",
+    "access_count",
     "audit_event",
+    "coalesce",
     "patient_of",
     "prepare_audit",
     "store_prepared",
@@ -86,6 +90,10 @@ class AuditRecord:
     #: who a decision was asked *for* (``Consent/$decide``: the actors a gateway named); the
     #: caller (``access``) is then the one who asked
     on_behalf_of: Sequence[str] = ()
+    #: how many accesses this record stands for (:func:`coalesce`); ``recorded`` is then the
+    #: last of them and ``first`` the first
+    occurrences: int = 1
+    first: int | None = None
 
 
 #: Where each type names the patient whose data it is (the patient-compartment link that is
@@ -144,24 +152,41 @@ def _agents(access: AccessContext, on_behalf_of: Sequence[str] = ()) -> list[dic
     return agents
 
 
+#: ``AuditEvent.entity.detail.type`` of a coalesced record's access count (:func:`coalesce`)
+ACCESS_COUNT = "accesses"
+
+
+def _counted(entity: dict[str, Any], record: AuditRecord) -> dict[str, Any]:
+    """``entity``, with the access count when ``record`` stands for several accesses."""
+    if record.occurrences > 1:
+        entity["detail"] = [{"type": ACCESS_COUNT, "valueString": str(record.occurrences)}]
+    return entity
+
+
 def audit_event(record: AuditRecord) -> dict[str, Any]:
-    """The AuditEvent resource for ``record`` (R4 AuditEvent; IHE BALP RESTful pattern)."""
+    """The AuditEvent resource for ``record`` (R4 AuditEvent; IHE BALP RESTful pattern).
+
+    A coalesced record (:func:`coalesce`) gets the ``period`` from its first to its last
+    access (``recorded`` is the last) and, on the patient, each resource and the search, an
+    ``entity.detail`` ``accesses`` with the number of accesses."""
     entities: list[dict[str, Any]] = []
     if record.patient:
-        entities.append(
-            {
-                "what": {"reference": record.patient},
-                "type": {"system": "http://hl7.org/fhir/resource-types", "code": "Patient"},
-                "role": {"system": _OBJECT_ROLE, "code": "1", "display": "Patient"},
-            }
-        )
+        patient = {
+            "what": {"reference": record.patient},
+            "type": {"system": "http://hl7.org/fhir/resource-types", "code": "Patient"},
+            "role": {"system": _OBJECT_ROLE, "code": "1", "display": "Patient"},
+        }
+        entities.append(_counted(patient, record))
     for ref in record.entities:
         if ref != record.patient:
             entities.append(
-                {
-                    "what": {"reference": ref},
-                    "role": {"system": _OBJECT_ROLE, "code": "4", "display": "Domain Resource"},
-                }
+                _counted(
+                    {
+                        "what": {"reference": ref},
+                        "role": {"system": _OBJECT_ROLE, "code": "4", "display": "Domain Resource"},
+                    },
+                    record,
+                )
             )
     for ref in record.decided_by:
         entities.append(
@@ -172,10 +197,13 @@ def audit_event(record: AuditRecord) -> dict[str, Any]:
         )
     if record.query:
         entities.append(
-            {
-                "type": {"system": "http://hl7.org/fhir/resource-types", "code": "Bundle"},
-                "description": record.query[:512],
-            }
+            _counted(
+                {
+                    "type": {"system": "http://hl7.org/fhir/resource-types", "code": "Bundle"},
+                    "description": record.query[:512],
+                },
+                record,
+            )
         )
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
@@ -190,6 +218,9 @@ def audit_event(record: AuditRecord) -> dict[str, Any]:
             "type": [{"system": _SECURITY_SOURCE, "code": "4", "display": "Application Server"}],
         },
     }
+    if record.first is not None:
+        end = event["recorded"]
+        event["period"] = {"start": format_instant(record.first), "end": end}
     if not record.permitted:
         event["outcomeDesc"] = "Access denied" + (f" ({record.reason})" if record.reason else "")
     elif record.reason:
@@ -202,6 +233,72 @@ def audit_event(record: AuditRecord) -> dict[str, Any]:
     if entities:
         event["entity"] = entities
     return event
+
+
+def access_count(event: dict[str, Any]) -> int:
+    """How many accesses a stored AuditEvent records: its ``accesses`` count when it is a
+    coalesced one (:func:`coalesce`), else 1."""
+    for entity in event.get("entity", ()):
+        for detail in entity.get("detail", ()):
+            if detail.get("type") == ACCESS_COUNT and str(detail.get("valueString", "")).isdigit():
+                return int(detail["valueString"])
+    return 1
+
+
+#: The most resources one AuditEvent names (a search's disclosures beyond it are not listed).
+MAX_ENTITIES = 200
+
+
+def _decision(record: AuditRecord) -> tuple[Any, ...] | None:
+    """What two records must share to be one AuditEvent: everything but the time (the same
+    caller with the same token and purpose, the same interaction on the same resources, the
+    same outcome, reason, deciding Consents and search). None: keep the record on its own
+    (also one whose AuditEvent would have no patient, resource or search to carry the
+    count)."""
+    if record.extra or record.occurrences != 1:
+        return None
+    if not (record.patient or record.entities or record.query):
+        return None
+    a = record.access
+    return (
+        record.interaction,
+        record.permitted,
+        record.patient,
+        tuple(record.entities),
+        tuple(record.decided_by),
+        record.reason,
+        record.query,
+        tuple(record.on_behalf_of),
+        a.scopes is None,
+        a.subject,
+        a.client_id,
+        a.patient,
+        a.fhir_user,
+        a.client_organization,
+        a.jti,
+        a.purpose_of_use,
+    )
+
+
+def coalesce(records: Iterable[AuditRecord]) -> list[AuditRecord]:
+    """Merge the records of one write batch that record the same access (see
+    :func:`_decision`) into one record each, in the order of their first access: a client
+    polling a record is one AuditEvent per batch, with the number of accesses and the period
+    from the first to the last, instead of one AuditEvent per request. Who saw what, when,
+    why and under which Consent is kept; the instant of each repeat within the batch (at most
+    a fraction of a second apart) is not."""
+    groups: dict[tuple[Any, ...] | int, list[AuditRecord]] = {}
+    for record in records:
+        key = _decision(record)
+        groups.setdefault(id(record) if key is None else key, []).append(record)
+    out = []
+    for same in groups.values():
+        if len(same) == 1:
+            out.append(same[0])
+            continue
+        times = [r.recorded for r in same]
+        out.append(replace(same[0], recorded=max(times), first=min(times), occurrences=len(same)))
+    return out
 
 
 #: One AuditEvent ready to insert: (id, canonical JSON, recorded µs, search index rows).
@@ -293,8 +390,12 @@ class AuditSink:
         flush_interval: float = 0.1,
         batch_size: int = 500,
         sleep: Callable[[float], object] | None = None,
+        coalescing: bool = True,
     ) -> None:
         self.db = db
+        #: merge the queued records of one batch that record the same access
+        #: (:func:`coalesce`); off: one AuditEvent per queued record
+        self.coalescing = coalescing
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         #: pause after each write transaction (at least :data:`SQLITE_WRITER_GAP` on SQLite)
@@ -396,7 +497,7 @@ class AuditSink:
                     recorded=recorded,
                     permitted=permitted,
                     access=access,
-                    entities=tuple(refs[:200]),
+                    entities=tuple(refs[:MAX_ENTITIES]),
                     patient=patient,
                     reason=reason,
                     query=query,
@@ -483,12 +584,20 @@ class AuditSink:
         The AuditEvents are built before the transaction starts."""
         try:
             items: list[Prepared] = []
-            for record in batch:
+            stored = 0  # the queued records the items stand for
+            records = batch
+            if self.coalescing:
+                try:
+                    records = coalesce(batch)
+                except Exception as exc:  # noqa: BLE001 - a malformed record: store them one by one
+                    log.error("audit batch not coalesced (%s)", type(exc).__name__)
+            for record in records:
                 try:
                     items.append(prepare_audit(record))
+                    stored += record.occurrences
                 except Exception as exc:  # noqa: BLE001 - one bad record must not sink the batch
                     log.error("audit record not stored: cannot build it (%s)", type(exc).__name__)
-                    self._lost(1)
+                    self._lost(record.occurrences)
             for attempt in range(_WRITE_ATTEMPTS):
                 try:
                     with self.db.write() as conn:
@@ -498,11 +607,11 @@ class AuditSink:
                     if attempt + 1 == _WRITE_ATTEMPTS:
                         log.error(
                             "audit batch of %d not stored after %d attempts: %s",
-                            len(items),
+                            stored,
                             _WRITE_ATTEMPTS,
                             type(exc).__name__,
                         )
-                        self._lost(len(items))
+                        self._lost(stored)
                     else:
                         self._sleep(0.1 * 2**attempt)
         finally:

@@ -207,6 +207,13 @@ class Settings(BaseSettings):
         description="Seconds between two batched writes of read/search AuditEvents (the "
         "queue is flushed at shutdown)",
     )
+    audit_coalesce: bool = Field(
+        default=True,
+        description="One AuditEvent for the repeats of the same read or search within one "
+        "batched write (same caller, token, purpose, resources, outcome and deciding Consents), "
+        "with the number of accesses and the period from the first to the last. false: one "
+        "AuditEvent per request",
+    )
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fhir_consent.audit import AuditRecord, AuditSink, patient_of
+from fhir_consent.audit import MAX_ENTITIES, AuditRecord, AuditSink, patient_of
 from fhir_consent.auth import AccessContext
 from fhir_consent.consent.enforcement import current_filter, search_patients
 from fhir_consent.store.repository import CurrentRow, VersionRow
 
 __all__ = ["ConsentAuditSink"]
-
-_MAX_ENTITIES = 200
 
 
 class _Group:
@@ -83,7 +81,7 @@ class ConsentAuditSink(AuditSink):
                 recorded=recorded,
                 permitted=permitted,
                 access=access,
-                entities=tuple(group.refs[:_MAX_ENTITIES]),
+                entities=tuple(group.refs[:MAX_ENTITIES]),
                 patient=patient,
                 decided_by=tuple(sorted(group.deciding)),
                 reason=",".join(sorted(group.reasons)) or reason,

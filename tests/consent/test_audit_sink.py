@@ -19,18 +19,22 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
+from fhir.resources.R4B.auditevent import AuditEvent
 from sqlalchemy.engine import Connection
 
 from fhir_consent.audit import (
     SQLITE_WRITER_GAP,
     AuditRecord,
     AuditSink,
+    access_count,
     prepare_audit,
     store_prepared,
 )
 from fhir_consent.auth import AccessContext
+from fhir_consent.fhir.services import format_instant
 from fhir_consent.store.db import Database
 from fhir_consent.store.repository import Repository
 from fhir_consent.store.tables import idx_date, idx_reference, idx_string, idx_token, resources
@@ -181,3 +185,46 @@ def test_records_queued_without_a_writer_are_logged(
     assert "audit writer not running: 2 audit records not stored" in caplog.text
     assert "secret" not in caplog.text
     assert sink.flush(timeout=0.1)  # nothing pending any more
+
+
+def test_repeats_of_one_access_in_a_batch_are_one_audit_event(db: Database) -> None:
+    """A client polling a record: one AuditEvent per batch for its repeats, with the number
+    of accesses and the period; any other access (another resource, token, outcome) keeps
+    its own AuditEvent. Off (``coalescing=False``): one AuditEvent per access."""
+    other_token = replace(ACCESS, jti="another-token")
+    t0 = record(1).recorded
+    queued = [replace(record(1), recorded=t0 + 50 * (39 - i)) for i in range(40)]  # any order
+    queued += [
+        record(2),
+        replace(record(1), access=other_token),
+        replace(record(1), permitted=False),
+    ]
+    for coalescing, want in ((True, 4), (False, len(queued))):
+        with db.write() as conn:
+            conn.execute(resources.delete().where(resources.c.res_type == "AuditEvent"))
+        sink = AuditSink(db, flush_interval=0.01, sleep=lambda _s: None, coalescing=coalescing)
+        for r in queued:  # queued before the writer starts: one batch
+            sink.record(r)
+        sink.start()
+        assert sink.flush(timeout=30)
+        sink.stop()
+        with db.read() as conn:
+            events = [
+                orjson.loads(c)
+                for c in conn.execute(
+                    sa.select(resources.c.content).where(resources.c.res_type == "AuditEvent")
+                ).scalars()
+            ]
+        assert len(events) == want and sink.dropped == 0
+        assert sum(access_count(e) for e in events) == len(queued)
+        polled = [e for e in events if access_count(e) > 1]
+        if not coalescing:
+            assert polled == []
+            continue
+        (event,) = polled
+        assert access_count(event) == 40
+        assert event["period"] == {"start": format_instant(t0), "end": format_instant(t0 + 1950)}
+        assert event["recorded"] == event["period"]["end"]
+        AuditEvent.model_validate(event)  # R4B
+        whats = {e["what"]["reference"] for e in event["entity"] if "what" in e}
+        assert whats == {SECRET, "DocumentReference/d1", "Consent/c/_history/1"}

@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from opskit import Server, clean_env, cli, fresh_database, patient
 
+from fhir_consent.audit import access_count
 from fhir_consent.store.db import Database
 from fhir_consent.store.tables import resources
 from smart_on_fhir.client_auth import ASSERTION_TYPE, sign_client_assertion
@@ -80,6 +81,7 @@ def _token(origin: str, client_id: str, key: object) -> str:
 
 
 def _read_audits(url: str, pid: str) -> int:
+    """The patient's reads the stored AuditEvents record (a coalesced one counts each)."""
     db = Database(url, pool_size=1)
     try:
         with db.read() as conn:
@@ -91,7 +93,8 @@ def _read_audits(url: str, pid: str) -> int:
                 event = orjson.loads(content)
                 codes = {s.get("code") for s in event.get("subtype", [])}
                 refs = {e.get("what", {}).get("reference") for e in event.get("entity", [])}
-                n += "read" in codes and f"Patient/{pid}" in refs
+                if "read" in codes and f"Patient/{pid}" in refs:
+                    n += access_count(event)
             return n
     finally:
         db.dispose()

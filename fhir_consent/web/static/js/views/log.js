@@ -60,6 +60,16 @@ function permitted(event) {
   return event.outcome === "0" || event.outcome === undefined;
 }
 
+/** How many accesses one AuditEvent records: the server writes the repeats of one access
+ *  within a moment as one AuditEvent, with the count and the period (fhir_consent/audit.py). */
+function accessCount(event) {
+  for (const entity of event.entity || []) {
+    const detail = (entity.detail || []).find((d) => d.type === "accesses");
+    if (detail && /^\d+$/.test(detail.valueString || "")) return Number(detail.valueString);
+  }
+  return 1;
+}
+
 function entry(app, event) {
   const ok = permitted(event);
   const interaction = event.subtype?.[0]?.code;
@@ -72,6 +82,7 @@ function entry(app, event) {
       ok ? ` ${actionVerb(interaction)} ${whatOf(app, event)}` : ` tried to access ${whatOf(app, event)}`),
     h("div", { class: "meta" },
       h("span", { class: `badge ${ok ? "ok" : "denied"}` }, ok ? "Permitted" : "Denied"),
+      accessCount(event) > 1 ? ` · ${accessCount(event)} times, until ${formatDateTime(event.period?.end || event.recorded)}` : "",
       purposes.length ? ` · Purpose: ${purposes.join(", ")}` : "",
       consents ? " · Decided by your consent" : "",
       !ok && deniedReason(event) ? ` · Why: ${deniedReason(event)}` : ""));
