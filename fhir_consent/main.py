@@ -5,7 +5,7 @@ module whose purpose is to do that). With ``FHIR_CONSENT_GATEWAY_UPSTREAM`` set 
 gateway (``fhir-consent serve --upstream URL``, docs/gateway.md).
 """
 
-from fhir_consent.app import create_app
+from fhir_consent.app import create_app, freeze_heap_after_startup
 from fhir_consent.gateway.config import GatewaySettings
 
 _gateway = GatewaySettings()
@@ -15,3 +15,4 @@ if _gateway.upstream:
     app = create_gateway_app(gateway=_gateway)
 else:
     app = create_app()
+freeze_heap_after_startup(app)
