@@ -23,6 +23,7 @@ authentication and the per-request revocation check on every FHIR interaction (u
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -163,6 +164,8 @@ def smart_auth_settings(settings: Settings) -> AuthSettings:
 def _install_smart(app: FastAPI, ctx: FHIRContext, settings: Settings) -> SmartAuth:
     """Mount the authorization server and put it in front of the FHIR API."""
 
+    # by base: the same few bases (host names) on every request
+    @functools.lru_cache(maxsize=256)
     def urls_from_base(base: str) -> Urls:
         return Urls.derive(
             base,

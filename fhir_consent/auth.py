@@ -36,7 +36,7 @@ from smart_on_fhir.protect import (
     TOKEN_STATE_PG_SQL,
     AuthenticationRequired,
     SmartResourceProtector,
-    token_state,
+    cached_token_state,
     token_state_of,
 )
 from smart_on_fhir.protect import www_authenticate as _challenge
@@ -92,9 +92,13 @@ TokenCheck = Callable[[Connection, AccessContext], None]
 #: One row of a fixed PostgreSQL query (``%s`` placeholders) on an event-loop connection:
 #: :meth:`fhir_consent.store.db.Database.fetch_async`.
 Fetch = Callable[[str, tuple[Any, ...]], Awaitable[tuple[Any, ...] | None]]
+#: A fixed one-row PostgreSQL query and its parameters, for :data:`AsyncTokenCheck`.
+Query = tuple[str, tuple[Any, ...]]
 #: :data:`TokenCheck` through a :data:`Fetch` (PostgreSQL, on the event loop); connection
-#: failures propagate as the ``Fetch`` raises them.
-AsyncTokenCheck = Callable[[Fetch, AccessContext], Awaitable[None]]
+#: failures propagate as the ``Fetch`` raises them. With a :data:`Query` (``then``), the
+#: check and that query are one statement, one round trip: the query's row is returned
+#: (None when it found nothing) once the token is known to be active.
+AsyncTokenCheck = Callable[[Fetch, AccessContext, Query | None], Awaitable[tuple[Any, ...] | None]]
 
 _OPEN_DECISION = ScopeDecision(True, Context.SYSTEM)
 
@@ -143,6 +147,9 @@ def _relative(fhir_user: str | None, base: str) -> str | None:
     return fhir_user[len(prefix) :] if fhir_user.startswith(prefix) else fhir_user
 
 
+_CONTEXTS_MAX = 4096
+
+
 def smart_authenticator(
     protector: SmartResourceProtector,
     urls_for: Callable[[Request], Urls],
@@ -155,6 +162,11 @@ def smart_authenticator(
     the ``organization`` a clinic system's client is bound to.
     """
 
+    # The context of each verified claims object the protector hands out (it keeps one per
+    # token until the token expires): a repeat token maps to the same context. Entries hold
+    # their claims, so an id is never reused while its entry lives.
+    contexts: dict[tuple[int, str], tuple[Any, AccessContext]] = {}
+
     async def authenticate(request: Request) -> AccessContext:
         urls = urls_for(request)
         try:
@@ -163,8 +175,12 @@ def smart_authenticator(
             )
         except AuthenticationRequired as error:
             raise _unauthorized(protector.realm, error.error, error.reason) from None
+        key = (id(claims), urls.fhir_base)
+        hit = contexts.get(key)
+        if hit is not None and hit[0] is claims:
+            return hit[1]
         organization = claims.extra.get("organization")
-        return AccessContext(
+        access = AccessContext(
             scopes=claims.scopes,
             subject=claims.subject,
             client_id=claims.client_id,
@@ -173,32 +189,68 @@ def smart_authenticator(
             client_organization=organization if isinstance(organization, str) else None,
             jti=claims.jti,
         )
+        if len(contexts) >= _CONTEXTS_MAX:
+            contexts.clear()
+        contexts[key] = (claims, access)
+        return access
 
     return authenticate
 
 
 def smart_token_check(realm: str = "fhir") -> TokenCheck:
     """A :data:`TokenCheck`: the token's row must exist, be unrevoked, and its user and
-    client still active (one primary-key query, :func:`smart_on_fhir.protect.token_state`)."""
+    client still active (one primary-key query, :func:`smart_on_fhir.protect.token_state`;
+    on SQLite remembered until the database changes,
+    :func:`~smart_on_fhir.protect.cached_token_state`)."""
 
     def check(conn: Connection, access: AccessContext) -> None:
-        state = token_state(conn, access.jti) if access.jti else None
+        state = cached_token_state(conn, access.jti) if access.jti else None
         if state is None or not state.usable:
             raise _unauthorized(realm, "invalid_token", "revoked")
 
     return check
 
 
+_STATE_COLUMNS = 4  # TOKEN_STATE_PG_SQL's: revoked_at, user_id, user active, client active
+
+
+def _with_state(sql: str) -> str:
+    """``sql`` (one row at most) joined to the token-state query: the state's columns first,
+    then ``sql``'s (all NULL when it finds no row); the state's parameter comes first."""
+    return (
+        "SELECT s.*, q.* FROM (SELECT 1) AS one "
+        f"LEFT JOIN ({TOKEN_STATE_PG_SQL}) AS s (revoked_at, user_id, user_active, client_active)"
+        f" ON true LEFT JOIN ({sql}) AS q ON true"
+    )
+
+
 def smart_token_check_async(realm: str = "fhir") -> AsyncTokenCheck:
     """:func:`smart_token_check` on an event-loop PostgreSQL connection: the same query
-    (:data:`smart_on_fhir.protect.TOKEN_STATE_PG_SQL`), the same 401."""
+    (:data:`smart_on_fhir.protect.TOKEN_STATE_PG_SQL`), the same 401; with ``then``, that
+    query rides in the same statement (an authenticated read is one round trip, as an open
+    one is)."""
+    joined: dict[str, str] = {}
 
-    async def check(fetch: Fetch, access: AccessContext) -> None:
-        state = None
-        if access.jti:
-            state = token_state_of(await fetch(TOKEN_STATE_PG_SQL, (access.jti,)))
+    async def check(
+        fetch: Fetch, access: AccessContext, then: Query | None = None
+    ) -> tuple[Any, ...] | None:
+        if not access.jti:
+            raise _unauthorized(realm, "invalid_token", "revoked")
+        if then is None:
+            row = await fetch(TOKEN_STATE_PG_SQL, (access.jti,))
+            rest = None
+        else:
+            sql, params = then
+            combined = joined.get(sql)
+            if combined is None:
+                combined = joined[sql] = _with_state(sql)
+            both = await fetch(combined, (access.jti, *params))
+            row = None if both is None or both[3] is None else both[:_STATE_COLUMNS]
+            rest = None if both is None else both[_STATE_COLUMNS:]
+        state = token_state_of(row)
         if state is None or not state.usable:
             raise _unauthorized(realm, "invalid_token", "revoked")
+        return rest if rest is not None and rest[0] is not None else None
 
     return check
 

@@ -32,7 +32,13 @@ from authlib.oauth2.rfc6749.errors import MissingAuthorizationError, Unsupported
 
 from .errors import InvalidToken, SmartError
 from .keys import KeySet
-from .records import TOKEN_STATE_PG_SQL, TokenState, token_state, token_state_of
+from .records import (
+    TOKEN_STATE_PG_SQL,
+    TokenState,
+    cached_token_state,
+    token_state,
+    token_state_of,
+)
 from .tokens import AccessTokenClaims, Timestamp, _seconds, verify_access_token
 
 __all__ = [
@@ -41,6 +47,7 @@ __all__ = [
     "JWTAccessTokenValidator",
     "SmartResourceProtector",
     "TokenState",
+    "cached_token_state",
     "token_state",
     "token_state_of",
     "www_authenticate",

@@ -8,7 +8,8 @@
   of an authorization code (RFC 6749 §4.1.2: "SHOULD revoke … all tokens previously issued
   based on that authorization code").
 * :func:`token_state` is the resource server's per-request check: one primary-key look-up
-  of the token joined to its client and user.
+  of the token joined to its client and user (:func:`cached_token_state`: remembered on a
+  SQLite connection until the database changes).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "TOKEN_STATE_PG_SQL",
     "TokenRecord",
     "TokenState",
+    "cached_token_state",
     "find_refresh_token",
     "find_token",
     "purge_expired",
@@ -280,6 +282,36 @@ def token_state(conn: Connection, jti: str) -> TokenState | None:
     """One indexed query: is the token with this ``jti`` revoked, is its user still active,
     is its client still enabled? ``None`` when no such token was ever issued here."""
     return token_state_of(_state_row(conn, jti))
+
+
+#: :func:`cached_token_state`'s entries per connection, at most (then it starts afresh).
+_CACHE_SIZE = 4096
+_CACHE_KEY = "smart_token_states"
+
+
+def cached_token_state(conn: Connection, jti: str) -> TokenState | None:
+    """:func:`token_state`, remembered on a SQLite connection outside a transaction for as
+    long as nothing in the database has changed since: the stamp is SQLite's
+    ``PRAGMA data_version`` (it changes whenever another connection, of this process or of
+    any other, commits) with the connection's own ``total_changes`` (its own writes), read
+    before each look-up, so a revocation or deactivation committed anywhere is seen by the
+    next request as it is without a cache. Any other database, and a connection inside a
+    transaction, look up each time."""
+    if conn.dialect.name != "sqlite":
+        return token_state(conn, jti)
+    proxied = conn.connection
+    driver: Any = proxied.driver_connection
+    if driver.in_transaction:
+        return token_state(conn, jti)
+    stamp = (driver.execute("PRAGMA data_version").fetchone()[0], driver.total_changes)
+    cache = proxied.info.get(_CACHE_KEY)
+    if cache is None or cache[0] != stamp or len(cache[1]) >= _CACHE_SIZE:
+        cache = proxied.info[_CACHE_KEY] = (stamp, {})
+    states: dict[str, TokenState | None] = cache[1]
+    if jti in states:
+        return states[jti]
+    state = states[jti] = token_state(conn, jti)
+    return state
 
 
 def token_state_of(row: Any) -> TokenState | None:

@@ -440,9 +440,13 @@ async def _authorized_read(
         return None
     fetch = ctx.db.fetch_async
     try:
-        await token_check(fetch, gate.access)
-        number = check_read_target(rtype, rid, vid)
-        current = current_row(await fetch(PG_CURRENT_SQL, (rtype, rid)))
+        try:
+            number = check_read_target(rtype, rid, vid)
+        except FHIRError:
+            await token_check(fetch, gate.access, None)  # a revoked token's 401 comes first
+            raise
+        # the token check and the current row: one statement, one round trip
+        current = current_row(await token_check(fetch, gate.access, (PG_CURRENT_SQL, (rtype, rid))))
         visible = True
         if current is not None:
             decided = await vis.can_see_async(fetch, current)

@@ -85,6 +85,10 @@ def multiprocess_dir() -> str | None:
     return path if path and os.path.isdir(path) else None
 
 
+#: The most labelled children a :class:`Metrics` remembers per metric.
+_CHILDREN_MAX = 2048
+
+
 def _reason_label(reason: str | None) -> str:
     if not reason:
         return "none"
@@ -182,18 +186,37 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self.ledger = LedgerCollector(db)
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._decision_children: dict[tuple[bool, str | None], Counter] = {}
         if not self.multiprocess:
             self.registry.register(self.ledger)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         method = method if method in KNOWN_METHODS else "other"
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(method, route).observe(seconds)
+        # The labelled children by label values: ``labels()`` checks and locks on each call,
+        # a few µs per request (the values are bounded; the dict is capped all the same).
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(method, route, str(status)),
+                self.latency.labels(method, route),
+            )
+            if len(self._request_children) < _CHILDREN_MAX:
+                self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_decision(self, record: AuditRecord) -> None:
         """An audit observer (:attr:`fhir_consent.audit.AuditSink.observers`)."""
-        outcome = "permit" if record.permitted else "deny"
-        self.decisions.labels(outcome, _reason_label(record.reason)).inc()
+        key = (record.permitted, record.reason)
+        child = self._decision_children.get(key)
+        if child is None:
+            outcome = "permit" if record.permitted else "deny"
+            child = self.decisions.labels(outcome, _reason_label(record.reason))
+            if len(self._decision_children) < _CHILDREN_MAX:
+                self._decision_children[key] = child
+        child.inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text of every worker's metrics plus the database gauges."""

@@ -102,7 +102,7 @@ def test_own_read_on_the_event_loop_is_the_stored_record_and_audited(env: Env) -
     assert r.headers["etag"] == opened.headers["etag"]
     assert r.headers["last-modified"] == opened.headers["last-modified"]
     if env.on_loop:
-        assert (threaded, fetches) == (0, 2)  # the token check and the row, no thread
+        assert (threaded, fetches) == (0, 1)  # the token check and the row: one statement
     vread = env.world.get(f"Patient/{pid}/_history/1", token)
     assert vread.status_code == 200 and vread.json()["id"] == pid
 
@@ -136,7 +136,7 @@ def test_own_document_is_read_on_the_event_loop(env: Env) -> None:
     r, threaded, fetches = _count(env, lambda: env.world.get(f"DocumentReference/{doc}", token))
     assert r.status_code == 200 and r.json()["id"] == doc
     if env.on_loop:
-        assert (threaded, fetches) == (0, 4)  # + the compartment and its first patient
+        assert (threaded, fetches) == (0, 3)  # + the compartment and its first patient
     [event] = env.audits(f"patient=Patient/{pid}&entity=DocumentReference/{doc}")
     assert event["outcomeDesc"] == "Access permitted (patient-self)"
 
@@ -154,6 +154,25 @@ def test_a_revoked_token_is_401_on_the_next_call(env: Env) -> None:
     assert 'error="invalid_token"' in r.headers["www-authenticate"]
     if env.on_loop:
         assert threaded == 0
+
+
+def test_a_revoked_token_is_401_whatever_it_reads(env: Env) -> None:
+    """The token check rides in the row's statement: a revoked token learns nothing, not even
+    whether the record exists or the version is well-formed."""
+    pid = env.world.add_patient()
+    _, client_id, token = env.login(pid)
+    assert env.world.get("Patient/no-such-patient", token).status_code == 404
+    assert env.world.get(f"Patient/{pid}/_history/x", token).status_code == 404
+    revoked = env.world.http.post(
+        f"{env.world.auth}/revoke", data={"token": token, "client_id": client_id}
+    )
+    assert revoked.status_code == 200
+    for path in ("Patient/no-such-patient", f"Patient/{pid}/_history/x", f"Patient/{pid}"):
+        r, threaded, _ = _count(env, lambda path=path: env.world.get(path, token))
+        assert r.status_code == 401, path
+        assert 'error="invalid_token"' in r.headers["www-authenticate"]
+        if env.on_loop:
+            assert threaded == 0
 
 
 def test_a_deactivated_user_is_401_on_the_next_call(env: Env) -> None:

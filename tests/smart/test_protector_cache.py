@@ -4,10 +4,16 @@ after the key set changed (a removed key stops its tokens at once)."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
+import pytest
+from starlette.requests import Request
+
+from fhir_consent.auth import smart_authenticator
+from fhir_consent.errors import Unauthorized
 from smart_on_fhir import KeySet, issue_access_token
 from smart_on_fhir.protect import AuthenticationRequired, SmartResourceProtector
+from smart_on_fhir.server import Urls
 
 ISSUER = "https://fhir.example.org/r4"
 FHIR = "https://fhir.example.org/r4"
@@ -83,3 +89,31 @@ def test_cache_is_bounded() -> None:
     assert len(protector._verified) == 2
     uncached = SmartResourceProtector(lambda: keys, cache_size=0)
     assert _auth(uncached, tokens[0]) == "j0" and not uncached._verified
+
+
+def test_the_fhir_layer_maps_a_repeat_token_to_the_same_access_context() -> None:
+    """``fhir_consent.auth.smart_authenticator`` keeps the context of each claims object:
+    the same token is the same context, a new token (or an expired one) is not served from
+    it, and the context names what the token says."""
+    keys = KeySet.generate(["RS256"])
+    protector = SmartResourceProtector(lambda: keys)
+    now = [NOW + 5]
+    urls = Urls.derive(FHIR, fhir_path="/r4")
+    authenticate = smart_authenticator(protector, lambda _r: urls, lambda: now[0])
+
+    def call(token: str) -> object:
+        scope = {
+            "type": "http",
+            "headers": [(b"authorization", f"Bearer {token}".encode())],
+        }
+        return asyncio.run(authenticate(Request(scope)))
+
+    first, second = _token(keys, "j1"), _token(keys, "j2")
+    a = call(first)
+    assert call(first) is a
+    b = call(second)
+    assert b is not a and (b.jti, a.jti) == ("j2", "j1")  # type: ignore[attr-defined]
+    assert a.patient == "p1" and a.client_id == "app"  # type: ignore[attr-defined]
+    now[0] = NOW + 300 + 31
+    with pytest.raises(Unauthorized):
+        call(first)  # expired: the protector refuses it before any context is looked up
