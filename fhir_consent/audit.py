@@ -405,7 +405,8 @@ class AuditSink:
         self._sleep = sleep or time.sleep  # retry backoff
         #: the pause between batches: interruptible by stop() unless a test injects a sleep
         self._pause: Callable[[float], object] = sleep or self._stopping.wait
-        self._queue: queue.Queue[AuditRecord | None] = queue.Queue()
+        # SimpleQueue: put is one C call (Queue's takes a lock and notifies a condition)
+        self._queue: queue.SimpleQueue[AuditRecord | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._flushed = threading.Condition()
         self._pending = 0

@@ -152,6 +152,16 @@ class SmartResourceProtector(ResourceProtector):  # type: ignore[misc]
 
         :raises AuthenticationRequired: no token, or an invalid one
         """
+        keys = self._keys()
+        # A repeat token is served from the cache before authlib parses the header (the same
+        # split as its parse_request_authorization: scheme, then the token; a miss, or any
+        # header that is not a well-formed Bearer one, takes authlib's path below).
+        auth = headers.get("Authorization") if self._cache_size else None
+        parts = auth.split(None, 1) if auth else ()
+        if len(parts) == 2 and parts[0].lower() == "bearer":
+            hit = self._hit((parts[1].strip(), audience, issuer), keys, now)
+            if hit is not None:
+                return hit
         request = _ProtectedRequest(headers, audience, issuer, now)
         try:
             token = self.validate_request(None, request)
@@ -159,14 +169,10 @@ class SmartResourceProtector(ResourceProtector):  # type: ignore[misc]
             raise AuthenticationRequired(self.realm, None) from None
         except UnsupportedTokenTypeError:
             raise AuthenticationRequired(self.realm, "invalid_request", "not_bearer") from None
-        keys = self._keys()
         key = (token, audience, issuer)
-        if self._cache_size:
-            with self._lock:
-                hit = self._verified.get(key)
-            fresh = hit is not None and _seconds(now) - self._leeway < hit[1].expires_at
-            if hit is not None and fresh and hit[0] is keys:
-                return hit[1]
+        hit = self._hit(key, keys, now)
+        if hit is not None:
+            return hit
         try:
             claims = verify_access_token(
                 token,
@@ -186,3 +192,15 @@ class SmartResourceProtector(ResourceProtector):  # type: ignore[misc]
                 while len(self._verified) > self._cache_size:
                     self._verified.popitem(last=False)
         return claims
+
+    def _hit(
+        self, key: tuple[str, str, str], keys: KeySet, now: Timestamp
+    ) -> AccessTokenClaims | None:
+        """The cached claims of ``key`` if verified with ``keys`` and not expired at ``now``."""
+        if not self._cache_size:
+            return None
+        with self._lock:
+            hit = self._verified.get(key)
+        if hit is None or hit[0] is not keys or _seconds(now) - self._leeway >= hit[1].expires_at:
+            return None
+        return hit[1]
