@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,20 +31,16 @@ import sqlalchemy as sa  # noqa: E402
 from loadgen import LoadSpec, RequestTemplate, run_load  # noqa: E402
 
 PLAN = bulk_load.LoadPlan(seed=7, organizations=5, practitioners=10, patients=500, documents=5000)
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_DATABASE = "bench_fc_read_cpu"
 READERS = 16
 
 
-def _database(backend: str, tmp: Path) -> str:
+def _database(backend: str, tmp: Path) -> AbstractContextManager[str]:
+    """A fresh database, as ``run_core`` makes them (the PostgreSQL one dropped after)."""
     if backend == "sqlite":
-        return f"sqlite:///{tmp}/read-cpu.sqlite3"
-    engine = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {PG_DATABASE}")
-        conn.exec_driver_sql(f"CREATE DATABASE {PG_DATABASE}")
-    engine.dispose()
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{PG_DATABASE}"
+        return run_core.sqlite_database(tmp)
+    return run_core.postgres_database(PG_ADMIN, PG_DATABASE, keep=False, reuse=False)
 
 
 def main() -> None:
@@ -54,10 +51,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
-    from fhir_consent.store.migrate import upgrade
-
     tmp = Path(tempfile.mkdtemp(prefix="read-cpu-"))
-    url = _database(args.backend, tmp)
+    with _database(args.backend, tmp) as url:
+        _measure(url, args, tmp)
+
+
+def _measure(url: str, args: argparse.Namespace, tmp: Path) -> None:
+    from fhir_consent.store.db import Database
+    from fhir_consent.store.migrate import upgrade
+    from fhir_consent.store.tables import resources
+
     upgrade(url)
     bulk_load.load(url, PLAN)
     env = {
@@ -103,12 +106,14 @@ def main() -> None:
                 f"p99 {result.p99_ms:.1f} ms, errors {result.errors}",
                 flush=True,
             )
-    engine = sa.create_engine(url)
-    with engine.connect() as conn:
-        stored = conn.exec_driver_sql(
-            "SELECT count(*) FROM resources WHERE res_type = 'AuditEvent'"
-        ).scalar()
-    engine.dispose()
+    db = Database(url, pool_size=1)
+    try:
+        with db.read() as conn:
+            stored = conn.execute(
+                sa.select(sa.func.count()).where(resources.c.res_type == "AuditEvent")
+            ).scalar_one()
+    finally:
+        db.dispose()
     print(f"AuditEvents stored: {stored:,}")
 
 
