@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Final
+from typing import Final, TypeVar
 
 import sqlalchemy as sa
 from prometheus_client import (
@@ -87,6 +87,21 @@ def multiprocess_dir() -> str | None:
 
 #: The most labelled children a :class:`Metrics` remembers per metric.
 _CHILDREN_MAX = 2048
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _child(cache: dict[_K, _V], key: _K, make: Callable[[], _V]) -> _V:
+    """The labelled child(ren) of ``key``, made once (``labels()`` checks its values and takes
+    a lock on every call, a few µs per request; the keys are bounded — methods, route
+    templates, statuses, decision reasons — and the cache is capped all the same)."""
+    found = cache.get(key)
+    if found is None:
+        found = make()
+        if len(cache) < _CHILDREN_MAX:
+            cache[key] = found
+    return found
 
 
 def _reason_label(reason: str | None) -> str:
@@ -193,30 +208,26 @@ class Metrics:
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         method = method if method in KNOWN_METHODS else "other"
-        # The labelled children by label values: ``labels()`` checks and locks on each call,
-        # a few µs per request (the values are bounded; the dict is capped all the same).
-        key = (method, route, status)
-        children = self._request_children.get(key)
-        if children is None:
-            children = (
+        requests, latency = _child(
+            self._request_children,
+            (method, route, status),
+            lambda: (
                 self.requests.labels(method, route, str(status)),
                 self.latency.labels(method, route),
-            )
-            if len(self._request_children) < _CHILDREN_MAX:
-                self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+            ),
+        )
+        requests.inc()
+        latency.observe(seconds)
 
     def observe_decision(self, record: AuditRecord) -> None:
         """An audit observer (:attr:`fhir_consent.audit.AuditSink.observers`)."""
-        key = (record.permitted, record.reason)
-        child = self._decision_children.get(key)
-        if child is None:
-            outcome = "permit" if record.permitted else "deny"
-            child = self.decisions.labels(outcome, _reason_label(record.reason))
-            if len(self._decision_children) < _CHILDREN_MAX:
-                self._decision_children[key] = child
-        child.inc()
+        _child(
+            self._decision_children,
+            (record.permitted, record.reason),
+            lambda: self.decisions.labels(
+                "permit" if record.permitted else "deny", _reason_label(record.reason)
+            ),
+        ).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text of every worker's metrics plus the database gauges."""
