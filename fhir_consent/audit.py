@@ -288,9 +288,9 @@ def coalesce(records: Iterable[AuditRecord]) -> list[AuditRecord]:
     why and under which Consent is kept; the instant of each repeat within the batch (at most
     a fraction of a second apart) is not."""
     groups: dict[tuple[Any, ...] | int, list[AuditRecord]] = {}
-    for record in records:
-        key = _decision(record)
-        groups.setdefault(id(record) if key is None else key, []).append(record)
+    for i, record in enumerate(records):
+        key = _decision(record)  # None: its own group, by its position
+        groups.setdefault(i if key is None else key, []).append(record)
     out = []
     for same in groups.values():
         if len(same) == 1:
