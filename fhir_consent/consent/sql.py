@@ -628,7 +628,10 @@ class _Render:
                 .limit(1)
                 .scalar_subquery()
             )
-            return first.in_(ordered)
+            # a row with no patient has a NULL first patient: ``NULL IN (…)`` is NULL, and so
+            # is its negation ("everyone else's resources"), which dropped such rows from
+            # break-glass and custodian access; '' is no FHIR id, so it is in no list
+            return sa.func.coalesce(first, "").in_(ordered)
         return self._exists(
             idx_reference,
             _R.param.in_(self.src.patient),

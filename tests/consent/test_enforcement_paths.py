@@ -15,6 +15,7 @@ import pytest
 from consent_kit import (
     ACTCODE,
     FHIR_JSON,
+    PARTICIPATION,
     ROLECODE,
     Caller,
     Env,
@@ -282,6 +283,41 @@ def test_break_glass(env: Env) -> None:
     assert env.c.post("/fhir/Consent", json=deny, headers=FHIR_JSON).status_code == 201
     env.caller.be(CLINIC)
     assert env.get(f"DocumentReference/{doc}", **etreat).status_code == 404
+
+
+def test_break_glass_reaches_a_record_of_no_patient_beside_patients_with_consents(
+    env: Env,
+) -> None:
+    """A Provenance that names no Patient (its patient is the first Patient among its
+    targets) is decided like everyone else's record: denied by default, permitted by
+    break-glass. The SQL once lost it whenever any patient had a Consent: ``NOT (first
+    patient IN (…))`` is NULL, not true, for a row with no patient (found by
+    test_sql_agreement's property test)."""
+    env.as_open()
+    env.put(
+        {
+            "resourceType": "Provenance",
+            "id": "no-patient",
+            "target": [{"reference": "Organization/clinic"}],
+            "recorded": "2015-01-04T08:00:00Z",
+            "agent": [{"who": {"reference": "Organization/hospital"}}],
+        }
+    )
+    env.caller.be(Caller.patient("pp"))
+    granted = inquiry(P, [], status="active")  # for documents the hospital holds
+    granted["provision"]["actor"] = [
+        {
+            "role": {"coding": [{"system": PARTICIPATION, "code": "CST"}]},
+            "reference": {"reference": "Organization/hospital"},
+        }
+    ]
+    assert env.c.post("/fhir/Consent", json=granted, headers=FHIR_JSON).status_code == 201
+    env.caller.be(CLINIC)
+    etreat = {"X-Purpose-Of-Use": "ETREAT"}
+    assert env.get("Provenance/no-patient").status_code == 404
+    for path in ("Provenance/no-patient", "Provenance/no-patient/_history"):
+        assert env.get(path, **etreat).status_code == 200, path
+    assert ids(env.get("Provenance?_id=no-patient", **etreat).json()) == {"Provenance/no-patient"}
 
 
 def test_the_access_log_is_the_patients(env: Env) -> None:
