@@ -125,6 +125,32 @@ def db_url(
     yield pg_url
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh_url(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str | None) -> Iterator[str]:
+    """A database of its own, migrated to head: for tests that run migrations on it (the
+    PostgreSQL one is a schema of its own, dropped afterwards)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'migrate.sqlite3'}"
+        upgrade(url)
+        yield url
+        return
+    if pg_url is None:
+        pytest.skip("PostgreSQL not reachable")
+    base = pg_url.split("?")[0]
+    schema = f"m_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(base, poolclass=sa.NullPool)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    url = f"{base}?options=-csearch_path%3D{schema}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+
 @pytest.fixture
 def settings(db_url: str) -> Settings:
     # The existing FHIR tests run without tokens (open_access is for development only and off

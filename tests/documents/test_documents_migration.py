@@ -5,13 +5,10 @@ downloads byte for byte. Downgrading puts the pointers back."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 import sqlalchemy as sa
 from alembic import command
 from documents_kit import doc_settings, make_env, pdf_bytes
@@ -20,31 +17,6 @@ from fhir_consent.config import Settings
 from fhir_consent.documents import BLOB_EXTENSION
 from fhir_consent.documents.tables import document_versions
 from fhir_consent.store.migrate import alembic_config, upgrade
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh_url(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str | None) -> Iterator[str]:
-    """A database of its own (migrations run on it), migrated to head."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'migrate.sqlite3'}"
-        upgrade(url)
-        yield url
-        return
-    if pg_url is None:
-        pytest.skip("PostgreSQL not reachable")
-    base = pg_url.split("?")[0]
-    schema = f"m_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(base, poolclass=sa.NullPool)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{base}?options=-csearch_path%3D{schema}"
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
 
 
 def _stored(url: str, bid: str) -> list[dict[str, Any]]:
