@@ -351,9 +351,8 @@ class Repository:
         pk = _driver(conn, _SQLITE_INSERT, (res_type, res_id, 1, now, 0, text)).lastrowid
         assert pk is not None
         _driver(conn, _SQLITE_VERSION, (res_type, res_id, 1, now, 0, method, text))
-        for sql, rows in _index_tuples(pk, res_type, index):
-            if rows:
-                _driver(conn, sql, rows, many=True)
+        for table, rows in _index_tuples(pk, res_type, index):
+            _insert_sqlite_rows(conn, table, rows)
         return CurrentRow(pk, res_type, res_id, 1, now, False, content)
 
     def insert_many(
@@ -401,14 +400,13 @@ class Repository:
             pk = _driver(self.conn, _SQLITE_INSERT, (res_type, res_id, 1, now, 0, text)).lastrowid
             assert pk is not None
             versions.append((res_type, res_id, 1, now, 0, method, text))
-            for sql, rows in _index_tuples(pk, res_type, index):
-                per_table.setdefault(sql, []).extend(rows)
+            for table, rows in _index_tuples(pk, res_type, index):
+                per_table.setdefault(table, []).extend(rows)
             out.append(CurrentRow(pk, res_type, res_id, 1, now, False, content))
         if versions:
-            _driver(self.conn, _SQLITE_VERSION, versions, many=True)
-        for sql, rows in per_table.items():
-            if rows:
-                _driver(self.conn, sql, rows, many=True)
+            _driver(self.conn, _SQLITE_VERSIONS_JSON, (_json_rows(versions),))
+        for table, rows in per_table.items():
+            _insert_sqlite_rows(self.conn, table, rows)
         return out
 
     def write_version(
@@ -458,9 +456,8 @@ class Repository:
         return CurrentRow(current.pk, rtype, rid, vid, now, deleted, content)
 
     def _write_index_sqlite(self, pk: int, res_type: str, index: IndexRows) -> None:
-        for sql, rows in _index_tuples(pk, res_type, index):
-            if rows:
-                self.conn.exec_driver_sql(sql, rows)
+        for table, rows in _index_tuples(pk, res_type, index):
+            _insert_sqlite_rows(self.conn, table, rows)
 
 
 _NO_INDEX = IndexRows()
@@ -490,31 +487,69 @@ _SQLITE_INDEX = {
 }
 
 
+def _json_insert(table: str, columns: str) -> str:
+    names = [c.strip() for c in columns.split(",")]
+    picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(names)))
+    return f"INSERT INTO {table} ({columns}) SELECT {picks} FROM json_each(?) ORDER BY key"
+
+
+#: SQLite: all of a write's rows for one table in one statement, from one JSON array of row
+#: arrays (``json_each``), instead of an ``executemany`` that steps once per row. Each step
+#: releases and retakes the GIL, and with the event loop busy on another thread every retake
+#: is a hand-off between the threads (two context switches): a Patient create wrote ~35
+#: index rows, an audit batch hundreds, and those hand-offs cost both threads more than the
+#: inserts themselves (docs/benchmarks.md, 2026-12-03 "one statement per table").
+_SQLITE_INDEX_JSON = {
+    sql.split(" (", 1)[0].removeprefix("INSERT INTO "): _json_insert(
+        sql.split(" (", 1)[0].removeprefix("INSERT INTO "), sql.split("(", 1)[1].split(")")[0]
+    )
+    for sql in _SQLITE_INDEX.values()
+}
+_SQLITE_VERSIONS_JSON = _json_insert(
+    "resource_versions", "res_type, res_id, version_id, last_updated, deleted, method, content"
+)
+
+
+def _json_rows(rows: list[tuple[Any, ...]]) -> str:
+    """``rows`` as one JSON array for :data:`_SQLITE_INDEX_JSON` (strings, integers within
+    64 bits and nulls, which ``json_extract`` gives back exactly as the driver would bind
+    them)."""
+    return orjson.dumps(rows).decode("utf-8")
+
+
+def _insert_sqlite_rows(conn: Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
+    """Insert ``rows`` (positional, in the column order of ``_SQLITE_INDEX[table]``) into
+    an index table of SQLite: one statement for all of them."""
+    if rows:
+        _driver(conn, _SQLITE_INDEX_JSON[table], (_json_rows(rows),))
+
+
 def _index_tuples(
     pk: int, res_type: str, index: IndexRows
 ) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    """The index rows of ``index`` as positional tuples, per table."""
+    """The index rows of ``index`` as positional tuples, per table name (in the column
+    order of ``_SQLITE_INDEX``)."""
     return [
         (
-            _SQLITE_INDEX["idx_token"],
+            "idx_token",
             [
                 (pk, res_type, r.param, _cut(r.system), _cut(r.code), _cut(r.text))
                 for r in index.tokens
             ],
         ),
         (
-            _SQLITE_INDEX["idx_string"],
+            "idx_string",
             [(pk, res_type, r.param, _cut(r.value), _cut(r.exact)) for r in index.strings],
         ),
         (
-            _SQLITE_INDEX["idx_reference"],
+            "idx_reference",
             [
                 (pk, res_type, r.param, r.target_type, _cut(r.target_id), r.url[:1024])
                 for r in index.references
             ],
         ),
         (
-            _SQLITE_INDEX["idx_date"],
+            "idx_date",
             [(pk, res_type, r.param, r.low, r.high) for r in index.dates],
         ),
     ]
@@ -530,8 +565,8 @@ def index_rows(pk: int, res_type: str, index: IndexRows) -> dict[str, list[dict[
         "idx_date": ("low", "high"),
     }
     out: dict[str, list[dict[str, Any]]] = {}
-    for (sql, rows), table in zip(_index_tuples(pk, res_type, index), _INDEX_TABLES, strict=True):
-        assert table.name in sql
+    for (name, rows), table in zip(_index_tuples(pk, res_type, index), _INDEX_TABLES, strict=True):
+        assert table.name == name
         cols = ("resource_pk", "res_type", "param", *names[table.name])
         out[table.name] = [dict(zip(cols, row, strict=True)) for row in rows]
     return out
@@ -547,7 +582,7 @@ def _index_arrays(index: IndexRows) -> dict[str, str]:
     tables = _index_tuples(0, "", index)  # pk and type come from the statement itself
     return {
         key: orjson.dumps([row[2:] for row in rows]).decode()
-        for key, (_sql, rows) in zip(("xt", "xs", "xr", "xd"), tables, strict=True)
+        for key, (_name, rows) in zip(("xt", "xs", "xr", "xd"), tables, strict=True)
     }
 
 

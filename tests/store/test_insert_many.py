@@ -85,3 +85,78 @@ def test_a_failing_item_fails_the_batch_and_writes_nothing(db_url: str) -> None:
             assert Repository(conn).insert_many([]) == []
     finally:
         engine.dispose()
+
+
+def _sorted(rows: Any) -> list[tuple[Any, ...]]:
+    return sorted((tuple(r) for r in rows), key=repr)
+
+
+def _cut(value: str | None) -> str | None:
+    return None if value is None else value[:512]
+
+
+def _stored_rows(conn: sa.Connection, table: sa.Table, pk: int) -> list[tuple[Any, ...]]:
+    cols = [c for c in table.c if c.name not in ("id", "resource_pk", "res_type")]
+    return _sorted(conn.execute(sa.select(*cols).where(table.c.resource_pk == pk)))
+
+
+TRICKY = [
+    "",
+    "a'b\"c",
+    "back\\slash",
+    "tab\tnew\nline",
+    "ünïcødé",
+    "😀 emoji",
+    "[1, 2]",
+    "null",
+    "x" * 600,
+]
+
+
+def test_index_rows_are_stored_exactly_as_extracted(db_url: str) -> None:
+    """Whatever the driver path (SQLite: one statement per table from a JSON array of rows;
+    PostgreSQL: JSON arrays expanded in the create statement), the stored index rows are the
+    extracted values, cut at 512 characters: quotes, escapes, non-ASCII, JSON-looking text,
+    empty strings and nulls alike; the content and version too."""
+    from fhir_consent.fhir.searchparams import DateRow, IndexRows, ReferenceRow, StringRow, TokenRow
+
+    index = IndexRows(
+        tokens=[
+            TokenRow("code", None if i % 2 else "sys", v, v or None) for i, v in enumerate(TRICKY)
+        ],
+        strings=[StringRow("name", v, v.upper()) for v in TRICKY],
+        references=[
+            ReferenceRow("subject", "Patient", f"p{i}", f"Patient/{v}")
+            for i, v in enumerate(TRICKY)
+        ],
+        dates=[DateRow("date", -(2**62), 2**62), DateRow("date", 0, 1)],
+    )
+    content = orjson.dumps({"resourceType": "Basic", "id": "tricky", "note": TRICKY})
+    engine = sa.create_engine(db_url, poolclass=sa.NullPool)
+    try:
+        with engine.begin() as conn:
+            single = Repository(conn).insert("Basic", "tricky", content, 7, index, "PUT")
+            (batched,) = Repository(conn).insert_many(
+                [("Basic", "tricky-b", content, 7, index, "PUT")]
+            )
+        with engine.connect() as conn:
+            for row in (single, batched):
+                got = {t.name: _stored_rows(conn, t, row.pk) for t in _INDEX_TABLES}
+                assert got["idx_token"] == _sorted(
+                    ("code", r.system, _cut(r.code), _cut(r.text)) for r in index.tokens
+                )
+                assert got["idx_string"] == _sorted(
+                    ("name", _cut(r.value), _cut(r.exact)) for r in index.strings
+                )
+                assert got["idx_reference"] == _sorted(
+                    ("subject", "Patient", r.target_id, r.url) for r in index.references
+                )
+                assert got["idx_date"] == _sorted(("date", r.low, r.high) for r in index.dates)
+                version = Repository(conn).version("Basic", row.res_id, 1)
+                assert version is not None and version.method == "PUT"
+                assert version.content is not None
+                assert orjson.loads(version.content) == orjson.loads(content)
+                if conn.dialect.name == "sqlite":  # PostgreSQL's jsonb keeps no key order
+                    assert version.content == content
+    finally:
+        engine.dispose()
