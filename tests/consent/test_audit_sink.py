@@ -75,6 +75,14 @@ def stored_events(db: Database) -> int:
     return int(count)
 
 
+def stored_bodies(db: Database) -> list[dict[str, Any]]:
+    with db.read() as conn:
+        contents = conn.execute(
+            sa.select(resources.c.content).where(resources.c.res_type == "AuditEvent")
+        ).scalars()
+        return [orjson.loads(c) for c in contents]
+
+
 class Counting:
     """A Database whose write transactions are counted (and can be made to fail)."""
 
@@ -208,13 +216,7 @@ def test_repeats_of_one_access_in_a_batch_are_one_audit_event(db: Database) -> N
         sink.start()
         assert sink.flush(timeout=30)
         sink.stop()
-        with db.read() as conn:
-            events = [
-                orjson.loads(c)
-                for c in conn.execute(
-                    sa.select(resources.c.content).where(resources.c.res_type == "AuditEvent")
-                ).scalars()
-            ]
+        events = stored_bodies(db)
         assert len(events) == want and sink.dropped == 0
         assert sum(access_count(e) for e in events) == len(queued)
         polled = [e for e in events if access_count(e) > 1]
@@ -245,13 +247,7 @@ def test_one_round_takes_everything_queued_so_the_writer_keeps_up(db: Database) 
     sink.start()
     assert sink.flush(timeout=60)
     assert counting.writes == 1 and sink.dropped == 0
-    with db.read() as conn:
-        events = [
-            orjson.loads(c)
-            for c in conn.execute(
-                sa.select(resources.c.content).where(resources.c.res_type == "AuditEvent")
-            ).scalars()
-        ]
+    events = stored_bodies(db)
     assert sorted(access_count(e) for e in events) == [666, 667, 667]
 
     for i in range(25):  # 25 distinct accesses: transactions of at most 10, a gap apart
