@@ -475,21 +475,20 @@ _SQLITE_UPDATE = (
     "UPDATE resources SET version_id = ?, last_updated = ?, deleted = ?, content = ? "
     "WHERE pk = ? AND version_id = ?"
 )
-_SQLITE_INDEX = {
-    "idx_token": "INSERT INTO idx_token (resource_pk, res_type, param, system, code, text) "
-    "VALUES (?, ?, ?, ?, ?, ?)",
-    "idx_string": "INSERT INTO idx_string (resource_pk, res_type, param, value, exact) "
-    "VALUES (?, ?, ?, ?, ?)",
-    "idx_reference": "INSERT INTO idx_reference "
-    "(resource_pk, res_type, param, target_type, target_id, url) VALUES (?, ?, ?, ?, ?, ?)",
-    "idx_date": "INSERT INTO idx_date (resource_pk, res_type, param, low, high) "
-    "VALUES (?, ?, ?, ?, ?)",
+#: The columns of each index table, in the order of :func:`_index_tuples`' rows.
+_INDEX_COLUMNS = {
+    "idx_token": "resource_pk, res_type, param, system, code, text",
+    "idx_string": "resource_pk, res_type, param, value, exact",
+    "idx_reference": "resource_pk, res_type, param, target_type, target_id, url",
+    "idx_date": "resource_pk, res_type, param, low, high",
 }
 
 
 def _json_insert(table: str, columns: str) -> str:
-    names = [c.strip() for c in columns.split(",")]
-    picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(names)))
+    """``INSERT INTO table (columns)`` from one JSON array of row arrays, in array order (the
+    ids then keep extraction order: a type's first patient is its lowest ``idx_reference``
+    id)."""
+    picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(columns.count(",") + 1))
     return f"INSERT INTO {table} ({columns}) SELECT {picks} FROM json_each(?) ORDER BY key"
 
 
@@ -498,13 +497,8 @@ def _json_insert(table: str, columns: str) -> str:
 #: releases and retakes the GIL, and with the event loop busy on another thread every retake
 #: is a hand-off between the threads (two context switches): a Patient create wrote ~35
 #: index rows, an audit batch hundreds, and those hand-offs cost both threads more than the
-#: inserts themselves (docs/benchmarks.md, 2026-12-03 "one statement per table").
-_SQLITE_INDEX_JSON = {
-    sql.split(" (", 1)[0].removeprefix("INSERT INTO "): _json_insert(
-        sql.split(" (", 1)[0].removeprefix("INSERT INTO "), sql.split("(", 1)[1].split(")")[0]
-    )
-    for sql in _SQLITE_INDEX.values()
-}
+#: inserts themselves (docs/benchmarks.md, 2026-12-03, third round).
+_SQLITE_INDEX_JSON = {table: _json_insert(table, cols) for table, cols in _INDEX_COLUMNS.items()}
 _SQLITE_VERSIONS_JSON = _json_insert(
     "resource_versions", "res_type, res_id, version_id, last_updated, deleted, method, content"
 )
@@ -518,7 +512,7 @@ def _json_rows(rows: list[tuple[Any, ...]]) -> str:
 
 
 def _insert_sqlite_rows(conn: Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
-    """Insert ``rows`` (positional, in the column order of ``_SQLITE_INDEX[table]``) into
+    """Insert ``rows`` (positional, in the column order of ``_INDEX_COLUMNS[table]``) into
     an index table of SQLite: one statement for all of them."""
     if rows:
         _driver(conn, _SQLITE_INDEX_JSON[table], (_json_rows(rows),))
@@ -528,7 +522,7 @@ def _index_tuples(
     pk: int, res_type: str, index: IndexRows
 ) -> list[tuple[str, list[tuple[Any, ...]]]]:
     """The index rows of ``index`` as positional tuples, per table name (in the column
-    order of ``_SQLITE_INDEX``)."""
+    order of ``_INDEX_COLUMNS``)."""
     return [
         (
             "idx_token",
@@ -558,17 +552,10 @@ def _index_tuples(
 def index_rows(pk: int, res_type: str, index: IndexRows) -> dict[str, list[dict[str, Any]]]:
     """The rows a resource's ``index`` adds to each index table (by table name), exactly as
     :meth:`Repository.insert` writes them (for bulk loaders)."""
-    names = {
-        "idx_token": ("system", "code", "text"),
-        "idx_string": ("value", "exact"),
-        "idx_reference": ("target_type", "target_id", "url"),
-        "idx_date": ("low", "high"),
-    }
     out: dict[str, list[dict[str, Any]]] = {}
-    for (name, rows), table in zip(_index_tuples(pk, res_type, index), _INDEX_TABLES, strict=True):
-        assert table.name == name
-        cols = ("resource_pk", "res_type", "param", *names[table.name])
-        out[table.name] = [dict(zip(cols, row, strict=True)) for row in rows]
+    for name, rows in _index_tuples(pk, res_type, index):
+        cols = [c.strip() for c in _INDEX_COLUMNS[name].split(",")]
+        out[name] = [dict(zip(cols, row, strict=True)) for row in rows]
     return out
 
 

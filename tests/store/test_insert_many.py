@@ -152,6 +152,13 @@ def test_index_rows_are_stored_exactly_as_extracted(db_url: str) -> None:
                     ("subject", "Patient", r.target_id, r.url) for r in index.references
                 )
                 assert got["idx_date"] == _sorted(("date", r.low, r.high) for r in index.dates)
+                in_id_order = conn.execute(
+                    sa.select(idx_reference.c.target_id)
+                    .where(idx_reference.c.resource_pk == row.pk)
+                    .order_by(idx_reference.c.id)
+                ).scalars()
+                # extraction order: a type's first patient is its lowest reference id
+                assert list(in_id_order) == [r.target_id for r in index.references]
                 version = Repository(conn).version("Basic", row.res_id, 1)
                 assert version is not None and version.method == "PUT"
                 assert version.content is not None

@@ -5,8 +5,8 @@ a stored resource and written in the same statement as that resource's row, with
 the insert returned (``store/repository.py``); ``resources`` rows are never deleted (a FHIR
 delete is a new version). The foreign key therefore never caught anything, but it cost a
 referential-integrity trigger per index row: a ``SELECT … FOR KEY SHARE`` on ``resources`` for
-each of the ~35 index rows of a Patient create, about a fifth of PostgreSQL's CPU per create
-(877 → 702 µs in ``bench/create_cpu.py``, docs/benchmarks.md).
+each of the ~35 index rows of a Patient create, about a sixth of PostgreSQL's CPU per create
+(866 and 906 µs with the keys, 722 and 782 µs without, interleaved; docs/benchmarks.md).
 
 Revision ID: 0007
 Revises: 0006
