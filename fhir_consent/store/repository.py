@@ -476,20 +476,22 @@ _SQLITE_UPDATE = (
     "WHERE pk = ? AND version_id = ?"
 )
 #: The columns of each index table, in the order of :func:`_index_tuples`' rows.
-_INDEX_COLUMNS = {
-    "idx_token": "resource_pk, res_type, param, system, code, text",
-    "idx_string": "resource_pk, res_type, param, value, exact",
-    "idx_reference": "resource_pk, res_type, param, target_type, target_id, url",
-    "idx_date": "resource_pk, res_type, param, low, high",
+_INDEX_COLUMNS: dict[str, tuple[str, ...]] = {
+    "idx_token": ("resource_pk", "res_type", "param", "system", "code", "text"),
+    "idx_string": ("resource_pk", "res_type", "param", "value", "exact"),
+    "idx_reference": ("resource_pk", "res_type", "param", "target_type", "target_id", "url"),
+    "idx_date": ("resource_pk", "res_type", "param", "low", "high"),
 }
 
 
-def _json_insert(table: str, columns: str) -> str:
+def _json_insert(table: str, columns: tuple[str, ...]) -> str:
     """``INSERT INTO table (columns)`` from one JSON array of row arrays, in array order (the
     ids then keep extraction order: a type's first patient is its lowest ``idx_reference``
     id)."""
-    picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(columns.count(",") + 1))
-    return f"INSERT INTO {table} ({columns}) SELECT {picks} FROM json_each(?) ORDER BY key"
+    picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(columns)))
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) SELECT {picks} FROM json_each(?) ORDER BY key"
+    )
 
 
 #: SQLite: all of a write's rows for one table in one statement, from one JSON array of row
@@ -500,14 +502,15 @@ def _json_insert(table: str, columns: str) -> str:
 #: inserts themselves (docs/benchmarks.md, 2026-12-03, third round).
 _SQLITE_INDEX_JSON = {table: _json_insert(table, cols) for table, cols in _INDEX_COLUMNS.items()}
 _SQLITE_VERSIONS_JSON = _json_insert(
-    "resource_versions", "res_type, res_id, version_id, last_updated, deleted, method, content"
+    "resource_versions",
+    ("res_type", "res_id", "version_id", "last_updated", "deleted", "method", "content"),
 )
 
 
 def _json_rows(rows: list[tuple[Any, ...]]) -> str:
-    """``rows`` as one JSON array for :data:`_SQLITE_INDEX_JSON` (strings, integers within
-    64 bits and nulls, which ``json_extract`` gives back exactly as the driver would bind
-    them)."""
+    """``rows`` as one JSON array of row arrays, for SQLite's ``json_each`` statements and
+    PostgreSQL's ``json_array_elements`` (strings, integers within 64 bits and nulls, which
+    both give back exactly as the driver would bind them)."""
     return orjson.dumps(rows).decode("utf-8")
 
 
@@ -554,7 +557,7 @@ def index_rows(pk: int, res_type: str, index: IndexRows) -> dict[str, list[dict[
     :meth:`Repository.insert` writes them (for bulk loaders)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for name, rows in _index_tuples(pk, res_type, index):
-        cols = [c.strip() for c in _INDEX_COLUMNS[name].split(",")]
+        cols = _INDEX_COLUMNS[name]
         out[name] = [dict(zip(cols, row, strict=True)) for row in rows]
     return out
 
@@ -568,7 +571,7 @@ def _index_arrays(index: IndexRows) -> dict[str, str]:
     where a ``str`` is adapted in C and orjson writes the arrays in ~10 µs."""
     tables = _index_tuples(0, "", index)  # pk and type come from the statement itself
     return {
-        key: orjson.dumps([row[2:] for row in rows]).decode()
+        key: _json_rows([row[2:] for row in rows])
         for key, (_name, rows) in zip(("xt", "xs", "xr", "xd"), tables, strict=True)
     }
 

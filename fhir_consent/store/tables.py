@@ -98,7 +98,7 @@ def _index_table(
         ),
         # No foreign key to resources.pk: index rows are written in the statement that
         # writes the row they index, and resources rows are never deleted; the key's
-        # per-row trigger cost a fifth of a create on PostgreSQL (migration 0007).
+        # per-row trigger cost a sixth of a create's PostgreSQL CPU (migration 0007).
         sa.Column(
             "resource_pk",
             sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
