@@ -72,6 +72,7 @@ function accessCount(event) {
 
 function entry(app, event) {
   const ok = permitted(event);
+  const times = accessCount(event);
   const interaction = event.subtype?.[0]?.code;
   const purposes = (event.purposeOfEvent || []).map((p) => purposeText(p.coding?.[0])).filter(Boolean);
   const consents = (event.entity || []).filter((e) => e.role?.code === "13").length;
@@ -82,7 +83,7 @@ function entry(app, event) {
       ok ? ` ${actionVerb(interaction)} ${whatOf(app, event)}` : ` tried to access ${whatOf(app, event)}`),
     h("div", { class: "meta" },
       h("span", { class: `badge ${ok ? "ok" : "denied"}` }, ok ? "Permitted" : "Denied"),
-      accessCount(event) > 1 ? ` · ${accessCount(event)} times, until ${formatDateTime(event.period?.end || event.recorded)}` : "",
+      times > 1 ? ` · ${times} times, until ${formatDateTime(event.period?.end || event.recorded)}` : "",
       purposes.length ? ` · Purpose: ${purposes.join(", ")}` : "",
       consents ? " · Decided by your consent" : "",
       !ok && deniedReason(event) ? ` · Why: ${deniedReason(event)}` : ""));
