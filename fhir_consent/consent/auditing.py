@@ -15,7 +15,12 @@ from collections.abc import Sequence
 
 from fhir_consent.audit import MAX_ENTITIES, AuditRecord, AuditSink, patient_of
 from fhir_consent.auth import AccessContext
-from fhir_consent.consent.enforcement import current_filter, search_patients
+from fhir_consent.consent.enforcement import (
+    Explanation,
+    RequestFilter,
+    current_filter,
+    search_patients,
+)
 from fhir_consent.store.repository import CurrentRow, VersionRow
 
 __all__ = ["ConsentAuditSink"]
@@ -30,6 +35,13 @@ class _Group:
         self.reasons: set[str] = set()
         self.break_glass = False
         self.permitted = True
+
+
+def _patient(explanation: Explanation | None, row: CurrentRow | VersionRow) -> str | None:
+    """The patient a row's AuditEvent is for: the consent decision's, else the row's own."""
+    if explanation is not None and explanation.patient:
+        return explanation.patient
+    return patient_of(row.res_type, row.res_id, row.content)
 
 
 class ConsentAuditSink(AuditSink):
@@ -53,17 +65,29 @@ class ConsentAuditSink(AuditSink):
                 interaction, access, rows, recorded, permitted=permitted, reason=reason, query=query
             )
             return
+        if len(rows) == 1 and interaction != "search-type":
+            self._record_one(flt, interaction, access, rows[0], recorded, permitted, reason, query)
+        else:
+            self._record_groups(flt, interaction, access, rows, recorded, permitted, reason, query)
+
+    def _record_groups(
+        self,
+        flt: RequestFilter,
+        interaction: str,
+        access: AccessContext,
+        rows: Sequence[CurrentRow | VersionRow],
+        recorded: int,
+        permitted: bool,
+        reason: str | None,
+        query: str | None,
+    ) -> None:
+        """:meth:`record_access` of any number of rows: one record per patient concerned."""
         groups: dict[str | None, _Group] = {}
         for row in rows:
             if row.res_type == "AuditEvent":
                 continue
             explanation = flt.explain(row)
-            patient = (
-                explanation.patient
-                if explanation is not None and explanation.patient
-                else patient_of(row.res_type, row.res_id, row.content)
-            )
-            group = groups.setdefault(patient, _Group())
+            group = groups.setdefault(_patient(explanation, row), _Group())
             group.refs.append(f"{row.res_type}/{row.res_id}")
             if explanation is not None:
                 group.deciding.update(explanation.deciding)
@@ -71,8 +95,8 @@ class ConsentAuditSink(AuditSink):
                     group.reasons.add(explanation.reason)
                 group.break_glass |= explanation.reason == "break-glass"
         if interaction == "search-type":
-            for patient in search_patients():
-                groups.setdefault(patient, _Group())
+            for named in search_patients():
+                groups.setdefault(named, _Group())
         if not groups and query:
             groups[None] = _Group()
         for patient, group in groups.items():
@@ -91,3 +115,47 @@ class ConsentAuditSink(AuditSink):
                 self.record_now(record)  # before the response is sent
             else:
                 self.record(record)
+
+    def _record_one(
+        self,
+        flt: RequestFilter,
+        interaction: str,
+        access: AccessContext,
+        row: CurrentRow | VersionRow,
+        recorded: int,
+        permitted: bool,
+        reason: str | None,
+        query: str | None,
+    ) -> None:
+        """:meth:`record_access` of one row (a read, a vread, a refusal): the record
+        :meth:`_record_groups` makes of it, without the grouping (every audited read comes
+        here)."""
+        if row.res_type == "AuditEvent":
+            if query:
+                self.record(
+                    AuditRecord(
+                        interaction, recorded, permitted, access, reason=reason, query=query
+                    )
+                )
+            return
+        explanation = flt.explain(row)
+        deciding: tuple[str, ...] = ()
+        if explanation is not None:
+            deciding = tuple(sorted(set(explanation.deciding)))
+            if permitted == explanation.permitted:
+                reason = explanation.reason or reason
+        record = AuditRecord(
+            interaction,
+            recorded,
+            permitted,
+            access,
+            entities=(f"{row.res_type}/{row.res_id}",),
+            patient=_patient(explanation, row),
+            decided_by=deciding,
+            reason=reason,
+            query=query,
+        )
+        if explanation is not None and explanation.reason == "break-glass":
+            self.record_now(record)  # before the response is sent
+        else:
+            self.record(record)
