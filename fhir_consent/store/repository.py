@@ -340,7 +340,7 @@ class Repository:
         """Create version 1 of a new resource. Raises IntegrityError if the id exists.
 
         PostgreSQL: one statement (data-modifying CTEs, index rows as ``unnest`` arrays), so a
-        create is one round trip. SQLite: one ``executemany`` per index table."""
+        create is one round trip. SQLite: one statement per index table (``json_each``)."""
         text = content.decode("utf-8")
         conn = self.conn
         if self.is_postgres:
@@ -351,8 +351,7 @@ class Repository:
         pk = _driver(conn, _SQLITE_INSERT, (res_type, res_id, 1, now, 0, text)).lastrowid
         assert pk is not None
         _driver(conn, _SQLITE_VERSION, (res_type, res_id, 1, now, 0, method, text))
-        for table, rows in _index_tuples(pk, res_type, index):
-            _insert_sqlite_rows(conn, table, rows)
+        self._write_index_sqlite(pk, res_type, index)
         return CurrentRow(pk, res_type, res_id, 1, now, False, content)
 
     def insert_many(
