@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,22 +78,31 @@ def _pg_base_url() -> str | None:
     return None
 
 
+@contextmanager
+def _migrated_schema(base: str, prefix: str) -> Iterator[str]:
+    """The URL of a new PostgreSQL schema on ``base``, migrated to head; dropped afterwards."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(base, poolclass=sa.NullPool)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = f"{base}?options=-csearch_path%3D{schema}"
+        upgrade(url)
+        yield url
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str | None]:
     base = _pg_base_url()
     if base is None:
         yield None
         return
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(base, poolclass=sa.NullPool)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{base}?options=-csearch_path%3D{schema}"
-    upgrade(url)
-    yield url
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-    engine.dispose()
+    with _migrated_schema(base, "t") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -136,19 +146,8 @@ def fresh_url(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str | None
         return
     if pg_url is None:
         pytest.skip("PostgreSQL not reachable")
-    base = pg_url.split("?")[0]
-    schema = f"m_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(base, poolclass=sa.NullPool)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{base}?options=-csearch_path%3D{schema}"
-    try:
-        upgrade(url)
+    with _migrated_schema(pg_url.split("?")[0], "m") as url:
         yield url
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
 
 
 @pytest.fixture
