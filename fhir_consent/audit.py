@@ -13,13 +13,13 @@ parsed), with their search index extracted like any other resource.
 
 from __future__ import annotations
 
+import itertools
 import logging
-import queue
 import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -289,19 +289,32 @@ def coalesce(records: Iterable[AuditRecord]) -> list[AuditRecord]:
     polling a record is one AuditEvent per batch, with the number of accesses and the period
     from the first to the last, instead of one AuditEvent per request. Who saw what, when,
     why and under which Consent is kept; the instant of each repeat within the batch (at most
-    a fraction of a second apart) is not."""
-    groups: dict[tuple[Any, ...] | int, list[AuditRecord]] = {}
+    a fraction of a second apart) is not. (:class:`AuditSink` groups its queue the same way as
+    records arrive, :meth:`AuditSink.record`.)"""
+    groups: dict[Hashable, tuple[AuditRecord, list[int]]] = {}
     for i, record in enumerate(records):
         key = _decision(record)  # None: its own group, by its position
-        groups.setdefault(i if key is None else key, []).append(record)
-    out = []
-    for same in groups.values():
-        if len(same) == 1:
-            out.append(same[0])
-            continue
-        times = [r.recorded for r in same]
-        out.append(replace(same[0], recorded=max(times), first=min(times), occurrences=len(same)))
-    return out
+        _group(groups, i if key is None else key, record)
+    return [_merged(first, times) for first, times in groups.values()]
+
+
+def _group(
+    groups: dict[Hashable, tuple[AuditRecord, list[int]]], key: Hashable, record: AuditRecord
+) -> None:
+    """Add ``record`` to its group: the group's first record and every access's instant."""
+    found = groups.get(key)
+    if found is None:
+        groups[key] = (record, [record.recorded])
+    else:
+        found[1].append(record.recorded)
+
+
+def _merged(first: AuditRecord, times: list[int]) -> AuditRecord:
+    """The one record that stands for a group (:func:`_group`): ``first`` itself when it is
+    alone, else it with the number of accesses and their first and last instant."""
+    if len(times) == 1:
+        return first
+    return replace(first, recorded=max(times), first=min(times), occurrences=len(times))
 
 
 #: One AuditEvent ready to insert: (id, canonical JSON, recorded µs, search index rows).
@@ -392,24 +405,16 @@ class AuditSink:
         *,
         flush_interval: float = 0.1,
         batch_size: int = 500,
-        drain_size: int = 20_000,
         sleep: Callable[[float], object] | None = None,
         coalescing: bool = True,
     ) -> None:
         self.db = db
-        #: merge the queued records of one batch that record the same access
-        #: (:func:`coalesce`); off: one AuditEvent per queued record
+        #: merge the queued records that record the same access (:func:`coalesce`), as they
+        #: are queued; off: one AuditEvent per queued record
         self.coalescing = coalescing
         self.flush_interval = flush_interval
         #: the most AuditEvents one write transaction stores
         self.batch_size = batch_size
-        #: the most queued records one round takes (then coalesces and writes, in
-        #: transactions of at most ``batch_size`` AuditEvents): bounding a round by the
-        #: AuditEvents it writes rather than by the records it takes lets the writer keep up
-        #: with any rate of repeated reads (a round of ``batch_size`` records every ``gap``
-        #: seconds drained at most ~3,300 records/s on SQLite; a busier server queued without
-        #: bound and fell ever further behind)
-        self.drain_size = max(drain_size, batch_size)
         #: pause after each write transaction (at least :data:`SQLITE_WRITER_GAP` on SQLite)
         self.gap = max(flush_interval, SQLITE_WRITER_GAP if getattr(db, "is_sqlite", False) else 0)
         self.dropped = 0
@@ -417,10 +422,17 @@ class AuditSink:
         self._sleep = sleep or time.sleep  # retry backoff
         #: the pause between batches: interruptible by stop() unless a test injects a sleep
         self._pause: Callable[[float], object] = sleep or self._stopping.wait
-        # SimpleQueue: put is one C call (Queue's takes a lock and notifies a condition)
-        self._queue: queue.SimpleQueue[AuditRecord | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._flushed = threading.Condition()
+        # The queue is a dict of groups, each one access with the instants of its repeats
+        # (:func:`_group`): a repeated read costs an append, and the writer takes a round's
+        # groups, however many reads they stand for, in one swap. One plain lock guards it
+        # and the counts; ``_ready`` wakes the writer, ``_flushed`` those who wait for it.
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._flushed = threading.Condition(self._lock)
+        self._groups: dict[Hashable, tuple[AuditRecord, list[int]]] = {}
+        self._serial = itertools.count()  # the key of a record that is its own group
+        self._stop_requested = False
         self._pending = 0
         self.observers: list[Callable[[AuditRecord], None]] = []
 
@@ -477,9 +489,21 @@ class AuditSink:
     def record(self, record: AuditRecord) -> None:
         """Queue a read/search audit record (written within ``flush_interval`` seconds)."""
         self.notify(record)
-        with self._flushed:
+        key = None
+        if self.coalescing:
+            try:
+                key = _decision(record)
+            except Exception as exc:  # noqa: BLE001 - a malformed record: its own AuditEvent
+                log.error("audit record not coalesced (%s)", type(exc).__name__)
+        with self._lock:
             self._pending += 1
-        self._queue.put(record)
+            groups = self._groups
+            if not groups:
+                self._ready.notify()
+            try:
+                _group(groups, next(self._serial) if key is None else key, record)
+            except TypeError:  # a key that cannot be hashed: its own AuditEvent
+                _group(groups, next(self._serial), record)
 
     def record_access(
         self,
@@ -526,12 +550,16 @@ class AuditSink:
         """Flush everything queued and stop the writer; what it could not store in
         ``timeout`` seconds (or with no writer running) is logged as not stored."""
         if self._thread is not None:
-            self._queue.put(None)
+            with self._lock:
+                self._stop_requested = True
+                self._ready.notify()
             self._stopping.set()
             self._thread.join(timeout=timeout)
             self._stopping.clear()
             alive = self._thread.is_alive()
             self._thread = None
+            with self._lock:
+                self._stop_requested = False
             if alive:
                 log.error(
                     "audit writer did not finish within %.0f s: %d audit records still queued "
@@ -540,20 +568,15 @@ class AuditSink:
                     self._pending,
                 )
                 return
-        left: list[AuditRecord] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                left.append(item)
-        if left:
-            log.error("audit writer not running: %d audit records not stored", len(left))
-            with self._flushed:
-                self.dropped += len(left)
-                self._pending -= len(left)
+        with self._lock:
+            left, self._groups = self._groups, {}
+            lost = sum(len(times) for _first, times in left.values())
+            if lost:
+                self.dropped += lost
+                self._pending -= lost
                 self._flushed.notify_all()
+        if lost:
+            log.error("audit writer not running: %d audit records not stored", lost)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued record is stored (tests, shutdown)."""
@@ -561,63 +584,56 @@ class AuditSink:
             return self._flushed.wait_for(lambda: self._pending == 0, timeout=timeout)
 
     def _run(self) -> None:
-        """Take what is queued (at most ``drain_size`` records) and write it as AuditEvents in
-        transactions of at most ``batch_size`` (a few multi-row statements each: the
-        transaction is short), pausing :attr:`gap` seconds after each so that other writers
-        get the database's write lock in between (SQLite's lock is not fair: back-to-back
-        audit batches could starve a patient's revocation)."""
-        stop = False
-        while not stop:
-            batch: list[AuditRecord] = []
-            try:
-                item = self._queue.get(timeout=self.flush_interval)
-            except queue.Empty:
-                continue
-            if item is None:
-                stop = True
-            else:
-                batch.append(item)
-            while len(batch) < self.drain_size:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
+        """Take every group queued and write them as AuditEvents in transactions of at most
+        ``batch_size`` (a few multi-row statements each: the transaction is short), pausing
+        :attr:`gap` seconds after each so that other writers get the database's write lock
+        in between (SQLite's lock is not fair: back-to-back audit batches could starve a
+        patient's revocation). At :meth:`stop`, what is queued then is written, and it ends."""
+        while True:
+            with self._lock:
+                if not self._groups and not self._stop_requested:
+                    self._ready.wait(timeout=self.flush_interval)
+                batch, self._groups = self._groups, {}
+                stop = self._stop_requested
             if batch:
                 self._write(batch)
-                if not stop:
-                    self._pause(self.gap)
+            if stop:
+                return
+            if batch:
+                self._pause(self.gap)
 
-    def _write(self, batch: list[AuditRecord]) -> None:
-        """Store a batch as AuditEvents (its repeats coalesced), in transactions of at most
-        ``batch_size`` with a :attr:`gap` between two, retrying a failing database a few times
-        (backoff up to ~3 s in all) before giving up on a transaction; failures are logged
-        with counts and types only, never content. The AuditEvents are built before the
-        transactions start."""
+    def _write(self, batch: dict[Hashable, tuple[AuditRecord, list[int]]]) -> None:
+        """Store a round's groups as AuditEvents (each group's repeats as one), in
+        transactions of at most ``batch_size`` with a :attr:`gap` between two, retrying a
+        failing database a few times (backoff up to ~3 s in all) before giving up on a
+        transaction; failures are logged with counts and types only, never content. Each
+        transaction's AuditEvents are built before it starts."""
+        taken = sum(len(times) for _first, times in batch.values())
         try:
-            items: list[tuple[Prepared, int]] = []  # with the queued records each stands for
-            records = batch
-            if self.coalescing:
+            records: list[AuditRecord] = []
+            for first, times in batch.values():
                 try:
-                    records = coalesce(batch)
+                    records.append(_merged(first, times))
                 except Exception as exc:  # noqa: BLE001 - a malformed record: store them one by one
                     log.error("audit batch not coalesced (%s)", type(exc).__name__)
-            for record in records:
-                try:
-                    items.append((prepare_audit(record), record.occurrences))
-                except Exception as exc:  # noqa: BLE001 - one bad record must not sink the batch
-                    log.error("audit record not stored: cannot build it (%s)", type(exc).__name__)
-                    self._lost(record.occurrences)
-            for start in range(0, len(items), self.batch_size):
+                    records += [replace(first, recorded=t) for t in times]
+            for start in range(0, len(records), self.batch_size):
+                items: list[tuple[Prepared, int]] = []  # with the accesses each stands for
+                for record in records[start : start + self.batch_size]:
+                    try:
+                        items.append((prepare_audit(record), record.occurrences))
+                    except Exception as exc:  # noqa: BLE001 - one bad record must not sink the batch
+                        log.error(
+                            "audit record not stored: cannot build it (%s)", type(exc).__name__
+                        )
+                        self._lost(record.occurrences)
                 if start:
                     self._pause(self.gap)
-                self._store(items[start : start + self.batch_size])
+                if items:
+                    self._store(items)
         finally:
-            with self._flushed:
-                self._pending -= len(batch)
+            with self._lock:
+                self._pending -= taken
                 self._flushed.notify_all()
 
     def _store(self, items: list[tuple[Prepared, int]]) -> None:
@@ -642,5 +658,5 @@ class AuditSink:
                     self._sleep(0.1 * 2**attempt)
 
     def _lost(self, n: int) -> None:
-        with self._flushed:
+        with self._lock:
             self.dropped += n

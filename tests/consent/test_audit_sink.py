@@ -257,3 +257,24 @@ def test_one_round_takes_everything_queued_so_the_writer_keeps_up(db: Database) 
     assert counting.writes == 1 + 3 and stored_events(db) == 3 + 25
     want = SQLITE_WRITER_GAP if db.is_sqlite else 0.01
     assert len(slept) >= 1 + 2 and all(s == pytest.approx(want) for s in slept)
+
+
+def test_records_are_grouped_as_they_are_queued(db: Database) -> None:
+    """The queue holds one group per access, however many repeats it stands for (the writer
+    takes a round in one swap); a record whose access cannot be keyed (here an unhashable
+    ``decided_by``) is queued on its own instead of failing the request that made it."""
+    sink = AuditSink(db, flush_interval=0.01, sleep=lambda _s: None)
+    t0 = record(0).recorded
+    for i in range(300):
+        sink.record(replace(record(i % 2), recorded=t0 + i))
+    odd = replace(record(5), decided_by=[["Consent/c"]])  # type: ignore[list-item]
+    sink.record(odd)
+    sink.record(odd)
+    assert sink.pending == 302
+    assert len(sink._groups) == 2 + 2  # two polled accesses, and each odd record alone
+    sink.start()
+    assert sink.flush(timeout=30)
+    sink.stop()
+    events = stored_bodies(db)
+    assert sorted(access_count(e) for e in events if access_count(e) > 1) == [150, 150]
+    assert len(events) + sink.dropped == 4 and sink.pending == 0
