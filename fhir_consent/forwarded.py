@@ -208,7 +208,9 @@ class PublicURLs:
 def public_root(conn: HTTPConnection | Scope) -> str:
     """The public root (no trailing slash) of a request that passed :class:`PublicURLs`;
     without it, the request's own origin and ``root_path``."""
-    scope: Any = conn.scope if isinstance(conn, HTTPConnection) else conn
+    # not isinstance(conn, HTTPConnection): that is an ABC check (a Mapping), ~1.5 µs on
+    # every authenticated request
+    scope: Any = getattr(conn, "scope", conn)
     found = scope.get(SCOPE_KEY)
     if isinstance(found, str):
         return found
