@@ -20,7 +20,7 @@ Open access (no token needed) exists for local development only and is off by de
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,7 @@ __all__ = [
     "fhir_user_exists",
     "open_authenticator",
     "patient_picker",
+    "raw_header",
     "require",
     "smart_authenticator",
     "smart_token_check",
@@ -150,6 +151,16 @@ def _relative(fhir_user: str | None, base: str) -> str | None:
 _CONTEXTS_MAX = 4096
 
 
+def raw_header(scope: Mapping[str, Any], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case) as the ASGI server passed it, as
+    Starlette's ``request.headers.get`` finds it, without building and searching a
+    ``Headers`` mapping (this runs on every authenticated request)."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value)
+    return None
+
+
 def smart_authenticator(
     protector: SmartResourceProtector,
     urls_for: Callable[[Request], Urls],
@@ -166,32 +177,50 @@ def smart_authenticator(
     # token until the token expires): a repeat token maps to the same context. Entries hold
     # their claims, so an id is never reused while its entry lives.
     contexts: dict[tuple[int, str], tuple[Any, AccessContext]] = {}
+    # A repeat request's context by its raw Authorization header and FHIR base, with the
+    # keys that were current when it was verified: one dict look-up and the checks of the
+    # protector's own cache hit (keys not rotated since, token not expired), instead of a
+    # ``Headers`` mapping, the header's parse and two look-ups (7.3 µs against 3.9 µs for
+    # the whole of ``ctx.authenticate``, timed in a loop in-process).
+    repeats: dict[tuple[bytes, str], tuple[Any, Any, AccessContext]] = {}
 
     async def authenticate(request: Request) -> AccessContext:
         urls = urls_for(request)
+        now = clock()
+        raw = raw_header(request.scope, b"authorization")
+        if raw is not None:
+            repeat = repeats.get((raw, urls.fhir_base))
+            if repeat is not None and protector.still_valid(repeat[0], repeat[1], now):
+                return repeat[2]
+        keys = protector.keys()  # before verifying: a rotation meanwhile verifies anew
         try:
             claims = protector.authenticate(
-                request.headers, audience=urls.fhir_base, issuer=urls.issuer, now=clock()
+                request.headers, audience=urls.fhir_base, issuer=urls.issuer, now=now
             )
         except AuthenticationRequired as error:
             raise _unauthorized(protector.realm, error.error, error.reason) from None
         key = (id(claims), urls.fhir_base)
         hit = contexts.get(key)
         if hit is not None and hit[0] is claims:
-            return hit[1]
-        organization = claims.extra.get("organization")
-        access = AccessContext(
-            scopes=claims.scopes,
-            subject=claims.subject,
-            client_id=claims.client_id,
-            patient=claims.patient,
-            fhir_user=_relative(claims.fhir_user, urls.fhir_base),
-            client_organization=organization if isinstance(organization, str) else None,
-            jti=claims.jti,
-        )
-        if len(contexts) >= _CONTEXTS_MAX:
-            contexts.clear()
-        contexts[key] = (claims, access)
+            access = hit[1]
+        else:
+            organization = claims.extra.get("organization")
+            access = AccessContext(
+                scopes=claims.scopes,
+                subject=claims.subject,
+                client_id=claims.client_id,
+                patient=claims.patient,
+                fhir_user=_relative(claims.fhir_user, urls.fhir_base),
+                client_organization=organization if isinstance(organization, str) else None,
+                jti=claims.jti,
+            )
+            if len(contexts) >= _CONTEXTS_MAX:
+                contexts.clear()
+            contexts[key] = (claims, access)
+        if raw is not None:
+            if len(repeats) >= _CONTEXTS_MAX:
+                repeats.clear()
+            repeats[(raw, urls.fhir_base)] = (keys, claims, access)
         return access
 
     return authenticate

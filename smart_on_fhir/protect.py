@@ -193,6 +193,17 @@ class SmartResourceProtector(ResourceProtector):  # type: ignore[misc]
                     self._verified.popitem(last=False)
         return claims
 
+    def keys(self) -> KeySet:
+        """The authorization server's current keys (what tokens are verified with now)."""
+        return self._keys()
+
+    def still_valid(self, keys: KeySet, claims: AccessTokenClaims, now: Timestamp) -> bool:
+        """Whether ``claims``, verified by :meth:`authenticate` while ``keys`` were the
+        current keys, still hold at ``now``: the keys were not rotated since (a rotation or
+        a removed key verifies anew) and the token has not expired. What a repeat token's
+        cache hit checks; a caller keeping verified tokens of its own checks the same."""
+        return keys is self._keys() and _seconds(now) - self._leeway < claims.expires_at
+
     def _hit(
         self, key: tuple[str, str, str], keys: KeySet, now: Timestamp
     ) -> AccessTokenClaims | None:

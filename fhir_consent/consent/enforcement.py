@@ -46,7 +46,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from starlette.requests import Request
 
-from fhir_consent.auth import AccessContext, Authenticator, Fetch
+from fhir_consent.auth import AccessContext, Authenticator, Fetch, raw_header
 from fhir_consent.consent._compile import CompiledConsent, _ref_of, compile_consent
 from fhir_consent.consent._fhirtime import parse_fhir_time, us_to_datetime
 from fhir_consent.consent._types import BREAK_GLASS_PURPOSE, AccessRequest, Decision, Ref
@@ -156,9 +156,10 @@ class PurposeOfUse:
         state = _RequestState()
         state.search_patients = _named_patients(request)
         _state.set(state)
-        raw = request.headers.get("x-purpose-of-use")
-        if raw is None or access.is_open:
+        header = raw_header(request.scope, b"x-purpose-of-use")
+        if header is None or access.is_open:
             return access
+        raw = header.decode("latin-1")  # as request.headers decodes it
         codes = [c.strip() for c in raw.split(",") if c.strip()]
         if (
             not codes

@@ -117,3 +117,47 @@ def test_the_fhir_layer_maps_a_repeat_token_to_the_same_access_context() -> None
     now[0] = NOW + 300 + 31
     with pytest.raises(Unauthorized):
         call(first)  # expired: the protector refuses it before any context is looked up
+
+
+def test_the_fhir_layers_repeat_look_up_checks_what_the_protector_checks() -> None:
+    """``smart_authenticator`` serves a repeat request by its raw ``Authorization`` header
+    and FHIR base: never after the key set changed in a way the protector would refuse,
+    never past ``exp``, never for another base (audience), and a header it has not seen
+    (another spelling of the same token) is verified by the protector."""
+    keys = KeySet.generate(["RS256"])
+    current = {"keys": keys}
+    protector = SmartResourceProtector(lambda: current["keys"])
+    now = [NOW + 5]
+    bases = {"base": FHIR}
+    authenticate = smart_authenticator(
+        protector, lambda _r: Urls.derive(bases["base"], fhir_path="/r4"), lambda: now[0]
+    )
+
+    def call(header: str) -> object:
+        scope = {"type": "http", "headers": [(b"authorization", header.encode())]}
+        return asyncio.run(authenticate(Request(scope)))
+
+    def refused(header: str) -> str:
+        with pytest.raises(Unauthorized) as caught:
+            call(header)
+        return str(caught.value.headers.get("WWW-Authenticate"))
+
+    token = _token(keys)
+    a = call(f"Bearer {token}")
+    assert call(f"Bearer {token}") is a
+    assert call(f"bearer   {token} ") is a  # another spelling: verified, the same context
+    bases["base"] = "https://other.example.org/r4"
+    assert "invalid_token" in refused(f"Bearer {token}")  # another audience
+    bases["base"] = FHIR
+    assert call(f"Bearer {token}") is a
+    rotated = keys.rotate("RS256")
+    current["keys"] = rotated
+    assert call(f"Bearer {token}") == a  # the retired key still verifies (verified anew)
+    old_kid = keys.signing_key("RS256").kid
+    assert old_kid is not None
+    current["keys"] = rotated.remove(old_kid)
+    assert "invalid_token" in refused(f"Bearer {token}")  # its key is gone
+    current["keys"] = keys
+    assert call(f"Bearer {token}") == a
+    now[0] = NOW + 300 + 31
+    assert "invalid_token" in refused(f"Bearer {token}")  # expired
