@@ -403,7 +403,7 @@ class AuditSink:
         self,
         db: Database,
         *,
-        flush_interval: float = 0.1,
+        flush_interval: float = 0.5,
         batch_size: int = 500,
         sleep: Callable[[float], object] | None = None,
         coalescing: bool = True,

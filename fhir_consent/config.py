@@ -201,11 +201,13 @@ class Settings(BaseSettings):
         "kills workers that start slowly on a loaded machine)",
     )
     audit_flush_interval: float = Field(
-        default=0.1,
+        default=0.5,
         gt=0,
         le=60,
         description="Seconds between two batched writes of read/search AuditEvents (the "
-        "queue is flushed at shutdown)",
+        "queue is flushed at shutdown): how far the patient's access log may lag behind under "
+        "load, and the window in which repeats of one access are one AuditEvent. Shorter "
+        "means more AuditEvents for a polling client, and a writer that costs each read more",
     )
     audit_coalesce: bool = Field(
         default=True,
