@@ -201,7 +201,10 @@ class SmartResourceProtector(ResourceProtector):  # type: ignore[misc]
         """Whether ``claims``, verified by :meth:`authenticate` while ``keys`` were the
         current keys, still hold at ``now``: the keys were not rotated since (a rotation or
         a removed key verifies anew) and the token has not expired. What a repeat token's
-        cache hit checks; a caller keeping verified tokens of its own checks the same."""
+        cache hit checks; a caller keeping verified tokens of its own checks the same.
+        Never, when this protector keeps no tokens (``cache_size=0``: verify every time)."""
+        if not self._cache_size:
+            return False
         return keys is self._keys() and _seconds(now) - self._leeway < claims.expires_at
 
     def _hit(

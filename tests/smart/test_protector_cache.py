@@ -161,3 +161,11 @@ def test_the_fhir_layers_repeat_look_up_checks_what_the_protector_checks() -> No
     assert call(f"Bearer {token}") == a
     now[0] = NOW + 300 + 31
     assert "invalid_token" in refused(f"Bearer {token}")  # expired
+
+    uncached = SmartResourceProtector(lambda: keys, cache_size=0)
+    now[0] = NOW + 5
+    authenticate = smart_authenticator(
+        uncached, lambda _r: Urls.derive(FHIR, fhir_path="/r4"), lambda: now[0]
+    )
+    first = call(f"Bearer {token}")
+    assert call(f"Bearer {token}") is not first  # a protector that keeps nothing: verified anew
