@@ -203,9 +203,14 @@ class SmartResourceProtector(ResourceProtector):  # type: ignore[misc]
         a removed key verifies anew) and the token has not expired. What a repeat token's
         cache hit checks; a caller keeping verified tokens of its own checks the same.
         Never, when this protector keeps no tokens (``cache_size=0``: verify every time)."""
-        if not self._cache_size:
-            return False
-        return keys is self._keys() and _seconds(now) - self._leeway < claims.expires_at
+        return bool(self._cache_size) and self._holds(keys, claims, self._keys(), now)
+
+    def _holds(
+        self, verified_with: KeySet, claims: AccessTokenClaims, keys: KeySet, now: Timestamp
+    ) -> bool:
+        """Claims verified with ``verified_with`` still hold while ``keys`` are current, at
+        ``now``: the same key set, and not expired (with the leeway)."""
+        return verified_with is keys and _seconds(now) - self._leeway < claims.expires_at
 
     def _hit(
         self, key: tuple[str, str, str], keys: KeySet, now: Timestamp
@@ -215,6 +220,6 @@ class SmartResourceProtector(ResourceProtector):  # type: ignore[misc]
             return None
         with self._lock:
             hit = self._verified.get(key)
-        if hit is None or hit[0] is not keys or _seconds(now) - self._leeway >= hit[1].expires_at:
+        if hit is None or not self._holds(hit[0], hit[1], keys, now):
             return None
         return hit[1]
